@@ -1,0 +1,260 @@
+"""The command line: serve, check, sign, sandbox, keygen."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import secrets
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Final
+
+from proxy import __version__
+from proxy.config import (
+    ConfigError,
+    Secret,
+    mask_key,
+    parse_settings,
+    process_environ,
+    read_environment,
+)
+from proxy.serve import run_gateway, run_sandbox
+from proxy.signing import sign_headers, string_to_sign
+from proxy.tenants import Credentials, Registry, hash_key, load_registry
+from proxy.upstream import now_ms
+
+logger = logging.getLogger(__name__)
+
+NO_TENANTS: Final = (
+    "no tenant is configured: set EXTERNAL_API_KEY_1 and EXTERNAL_API_KEY_1_OPENAPI_* (or a "
+    "TENANTS_FILE), see config/.env.example; or run 'python -m proxy serve --demo' to try the "
+    "gateway against the bundled sandbox"
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every sub-command and its help."""
+    parser = argparse.ArgumentParser(
+        prog="nxlink-proxy",
+        description="Multi-tenant API-key gateway for the nxlink OpenAPI.",
+        epilog="Settings come from the environment and .env; a flag beats its variable.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gateway (default)")
+    _config_flags(serve)
+    serve.add_argument("--host", help="listen address (HOST, default 0.0.0.0)")
+    serve.add_argument("--port", help="listen port (PORT, default 8001)")
+    serve.add_argument("--workers", help="processes sharing the port (WORKERS, default 1)")
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="with no tenant configured, serve the two demo tenants against an in-process sandbox",
+    )
+
+    check = commands.add_parser("check", help="validate configuration and print the tenants")
+    _config_flags(check)
+
+    sign = commands.add_parser("sign", help="print the signed upstream headers as JSON")
+    _config_flags(sign)
+    sign.add_argument("--action", required=True, help="nxlink action, e.g. callAppend")
+    body = sign.add_mutually_exclusive_group()
+    body.add_argument("--body", default="", help="request body exactly as it will be sent")
+    body.add_argument("--body-file", type=Path, help="file holding the exact request body")
+    sign.add_argument(
+        "--multipart",
+        action="store_true",
+        help="the body is multipart/form-data (left out of the signature)",
+    )
+    who = sign.add_mutually_exclusive_group()
+    who.add_argument("--api-key", help="take the credentials of the tenant with this key")
+    who.add_argument("--alias", help="take the credentials of the tenant with this alias")
+    sign.add_argument("--access-key", help="nxlink accessKey (instead of a tenant)")
+    sign.add_argument("--access-secret", help="nxlink accessSecret (instead of a tenant)")
+    sign.add_argument("--biz-type", default="8", help="nxlink bizType (default 8)")
+    sign.add_argument("--algorithm", choices=("md5", "sha256"), help="default: tenant's or md5")
+    sign.add_argument("--ts", type=int, help="epoch milliseconds (default: now)")
+    sign.add_argument(
+        "--show-string",
+        action="store_true",
+        help="also print the string to sign, secret hidden, on stderr",
+    )
+
+    sandbox = commands.add_parser("sandbox", help="run the nxlink emulator alone")
+    _config_flags(sandbox)
+    sandbox.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    sandbox.add_argument("--port", type=int, default=8002, help="listen port (default 8002)")
+
+    commands.add_parser("keygen", help="print a new random API key and its sha256: hash")
+    return parser
+
+
+def _config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--env-file", help="dotenv file to read (ENV_FILE, default .env)")
+    parser.add_argument("--tenants", help="tenants JSON file (TENANTS_FILE)")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str]:
+    """CLI flags written under their variable names, so they win the one merge."""
+    flags = {
+        "ENV_FILE": "env_file",
+        "TENANTS_FILE": "tenants",
+        "HOST": "host",
+        "PORT": "port",
+        "WORKERS": "workers",
+    }
+    return {
+        name: str(getattr(args, attr))
+        for name, attr in flags.items()
+        if getattr(args, attr, None) is not None
+    }
+
+
+def _load(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[dict[str, str], Registry]:
+    env = read_environment(environ, _overrides(args))
+    return env, load_registry(env, parse_settings(env))
+
+
+def cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """Run the gateway until SIGTERM/SIGINT."""
+    env = read_environment(environ, _overrides(args))
+    settings = parse_settings(env)
+    registry = load_registry(env, settings)
+    if len(registry) == 0 and not args.demo:
+        raise ConfigError([NO_TENANTS])
+    if args.demo and len(registry) > 0:
+        print("tenants are configured, so --demo is ignored", file=sys.stderr)
+    run_gateway(
+        settings,
+        registry,
+        source=(dict(environ), _overrides(args)),
+        demo=args.demo and len(registry) == 0,
+    )
+    return 0
+
+
+def cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """Validate the configuration and print the tenant table, secrets masked."""
+    env, registry = _load(args, environ)
+    settings = parse_settings(env)
+    if len(registry) == 0:
+        raise ConfigError([NO_TENANTS])
+    print(f"{len(registry)} tenant(s) configured; settings OK")
+    for tenant in registry.tenants:
+        creds = tenant.credentials
+        limits = tenant.limits
+        rps = limits.rate_limit_rps or settings.rate_limit_rps
+        print(f"- {tenant.alias} [{tenant.source}]")
+        print(f"    keys:      {', '.join(k.hint for k in tenant.keys)}")
+        print(f"    baseUrl:   {tenant.base_url}  bizType: {tenant.biz_type}")
+        if creds is None:
+            print("    openapi:   MISSING accessKey/accessSecret")
+        else:
+            print(
+                f"    openapi:   accessKey {mask_key(creds.access_key)}, accessSecret <hidden>, "
+                f"algorithm {creds.algorithm}"
+            )
+        print(
+            f"    limits:    rate {rps or 'off'} rps, burst "
+            f"{limits.rate_limit_burst or settings.rate_limit_burst or 'auto'}, in-flight "
+            f"{limits.max_inflight or settings.max_inflight_per_tenant or 'off'}, append batch "
+            f"{limits.append_batch_size or settings.append_batch_size}"
+        )
+    for warning in registry.warnings:
+        print(f"warning: {warning}")
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """Print the six upstream headers for one request as JSON."""
+    creds = _sign_credentials(args, environ)
+    body = args.body_file.read_bytes() if args.body_file else args.body.encode()
+    ts = args.ts if args.ts is not None else now_ms()
+    headers = sign_headers(creds, args.action, body, ts, multipart=args.multipart)
+    print(json.dumps(headers, indent=2))
+    if args.show_string:
+        hidden = Credentials(creds.access_key, Secret("<accessSecret>"), creds.biz_type)
+        shown = string_to_sign(hidden, args.action, ts, body, multipart=args.multipart)
+        print(shown.decode("utf-8", "replace"), file=sys.stderr)
+    return 0
+
+
+def _sign_credentials(args: argparse.Namespace, environ: Mapping[str, str]) -> Credentials:
+    if args.access_key or args.access_secret:
+        if not (args.access_key and args.access_secret):
+            raise ConfigError(["sign: give both --access-key and --access-secret"])
+        return Credentials(
+            args.access_key, Secret(args.access_secret), args.biz_type, args.algorithm or "md5"
+        )
+    if not (args.api_key or args.alias):
+        raise ConfigError(
+            [
+                "sign: give --api-key or --alias of a configured tenant, or "
+                "--access-key and --access-secret"
+            ]
+        )
+    _, registry = _load(args, environ)
+    if args.api_key:
+        match = registry.lookup(args.api_key)
+        tenant = match.tenant if match else None
+    else:
+        tenant = next((t for t in registry.tenants if t.alias == args.alias), None)
+    if tenant is None or tenant.credentials is None:
+        who = mask_key(args.api_key) if args.api_key else args.alias
+        raise ConfigError([f"sign: no configured tenant {who} with accessKey/accessSecret"])
+    creds = tenant.credentials
+    if args.algorithm:
+        creds = Credentials(creds.access_key, creds.access_secret, creds.biz_type, args.algorithm)
+    return creds
+
+
+def cmd_sandbox(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """Run the nxlink emulator with the configured tenants' accounts (demo ones if none)."""
+    _, registry = _load(args, environ)
+    accounts = [t.credentials for t in registry.tenants if t.credentials is not None]
+    run_sandbox(args.host, args.port, accounts)
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """Print a new random key and the ``sha256:`` hash to configure instead of it."""
+    key = "nxk_" + secrets.token_urlsafe(32)
+    print(json.dumps({"apiKey": key, "apiKeyHash": "sha256:" + hash_key(key).hex()}, indent=2))
+    return 0
+
+
+COMMANDS: Final = {
+    "serve": cmd_serve,
+    "check": cmd_check,
+    "sign": cmd_sign,
+    "sandbox": cmd_sandbox,
+    "keygen": cmd_keygen,
+}
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Parse ``argv``, run the sub-command and return its exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if (
+        not args_list
+        or args_list[0].startswith("-")
+        and args_list[0] not in ("-h", "--help", "--version")
+    ):
+        args_list.insert(0, "serve")
+    args = parser.parse_args(args_list)
+    try:
+        return COMMANDS[args.command](args, process_environ() if environ is None else environ)
+    except ConfigError as exc:
+        print("configuration error:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # the CLI's last resort: one line, no traceback for a user
+        print(f"error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,235 @@
+"""The ``/openapi/`` handler: action, confined URL, header policy, body in, answer streamed back."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
+from typing import Final
+from urllib.parse import unquote
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from proxy.appkeys import (
+    ACTIONS,
+    REQUEST_ID,
+    RESPONSE_STARTED,
+    SETTINGS,
+    UPSTREAM_STATUS,
+    current_credentials,
+    current_tenant,
+    upstream_client,
+)
+from proxy.errors import NotFound, PayloadTooLarge, RequestError
+from proxy.nxlink import KNOWN_ACTIONS
+from proxy.upstream import StreamFactory, UpstreamRequest
+
+logger = logging.getLogger(__name__)
+
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+CLIENT_CREDENTIALS: Final = frozenset(
+    {
+        "x-api-key",
+        "authorization",
+        "cookie",
+        "accesskey",
+        "accesssecret",
+        "ts",
+        "sign",
+        "biztype",
+        "algorithm",
+        "action",
+    }
+)
+FORWARDED: Final = frozenset({"forwarded", "x-real-ip"})
+FORWARDED_PREFIX: Final = "x-forwarded-"
+# Set by the gateway itself (Host: the upstream's; lengths: recomputed for signed bodies).
+GATEWAY_SET: Final = frozenset({"host", "content-length", "expect", "x-request-id"})
+REQUEST_DROP: Final = HOP_BY_HOP | CLIENT_CREDENTIALS | FORWARDED | GATEWAY_SET
+RESPONSE_DROP: Final = HOP_BY_HOP | frozenset({"set-cookie", "x-request-id"})
+ACTION_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+MULTIPART: Final = "multipart/form-data"
+READ_CHUNK: Final = 256 * 1024
+
+
+def action_table(extra: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """The path → action table: the known operations plus ``OPENAPI_ACTIONS``."""
+    return {**KNOWN_ACTIONS, **dict(extra)}
+
+
+def resolve_action(headers: Mapping[str, str], path: str, table: Mapping[str, str]) -> str:
+    """The client's ``action`` header if given, else the table's entry for ``path``."""
+    given = headers.get("action", "").strip()
+    if given:
+        if not ACTION_NAME.fullmatch(given):
+            raise RequestError(
+                "action header must be a plain operation name such as callAppend",
+                error="INVALID_ACTION",
+            )
+        return given
+    action = table.get(path.rstrip("/"))
+    if action is None:
+        raise RequestError(
+            f"No known action for {path}; send the nxlink action name in an 'action' header",
+            error="UNKNOWN_ACTION",
+        )
+    return action
+
+
+def build_upstream_url(base_url: str, raw_path: str, raw_query: str) -> URL:
+    """Base URL + normalised request path, refusing anything that could leave the base."""
+    if not raw_path.startswith("/openapi/"):
+        raise RequestError("Request target must be a path under /openapi/", error="INVALID_PATH")
+    for segment in raw_path.split("/")[1:]:
+        decoded = unquote(segment)
+        if not decoded or decoded in (".", "..") or any(c in decoded for c in "/\\\x00?#"):
+            raise RequestError(
+                "Path has an empty, dot or encoded-slash segment", error="INVALID_PATH"
+            )
+    base = URL(base_url)
+    target = base_url + raw_path + (f"?{raw_query}" if raw_query else "")
+    url = URL(target, encoded=True)
+    if (url.scheme, url.host, url.port) != (base.scheme, base.host, base.port) or not (
+        url.path.startswith(base.path.rstrip("/") + "/openapi/")
+    ):
+        raise NotFound("Path does not stay under the upstream base URL")
+    return url
+
+
+def filter_request_headers(headers: CIMultiDictProxy[str], *, streamed: bool) -> CIMultiDict[str]:
+    """End-to-end client headers minus credentials, forwarding and hop-by-hop ones."""
+    dropped = REQUEST_DROP | _connection_tokens(headers)
+    kept = CIMultiDict(
+        (name, value)
+        for name, value in headers.items()
+        if name.lower() not in dropped and not name.lower().startswith(FORWARDED_PREFIX)
+    )
+    if streamed and "Content-Length" in headers:
+        kept["Content-Length"] = headers["Content-Length"]
+    return kept
+
+
+def filter_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """Upstream response headers minus hop-by-hop ones and cookies."""
+    dropped = RESPONSE_DROP | _connection_tokens(headers)
+    return CIMultiDict((n, v) for n, v in headers.items() if n.lower() not in dropped)
+
+
+def _connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
+    """Header names listed in ``Connection`` (hop-by-hop by declaration)."""
+    tokens = ",".join(v for k, v in headers.items() if k.lower() == "connection")
+    return frozenset(t.strip().lower() for t in tokens.split(",") if t.strip())
+
+
+def is_multipart(request: web.Request) -> bool:
+    """True for multipart/form-data bodies, which are streamed and left out of the signature."""
+    return request.content_type == MULTIPART
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The exact body bytes, at most ``limit`` of them, checked to be UTF-8."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"Request body exceeds {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.content.iter_chunked(READ_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"Request body exceeds {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(
+            f"Request body is not valid UTF-8 (byte {exc.start})", error="INVALID_ENCODING"
+        ) from exc
+    return body
+
+
+def stream_body(request: web.Request, limit: int) -> StreamFactory:
+    """A factory of one pass over the client's body, refusing more than ``limit`` bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"Upload exceeds {limit} bytes")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        size = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"Upload exceeds {limit} bytes")
+            yield chunk
+
+    return chunks
+
+
+async def handle_forward(request: web.Request) -> web.StreamResponse:
+    """Sign the request for the caller's tenant and stream it to nxlink and back."""
+    started = time.perf_counter()
+    tenant = current_tenant(request)
+    credentials = current_credentials(request)
+    settings = request.app[SETTINGS]
+    action = resolve_action(request.headers, request.path, request.app[ACTIONS])
+    url = build_upstream_url(
+        tenant.base_url, request.raw_path.partition("?")[0], request.rel_url.raw_query_string
+    )
+    streamed = is_multipart(request)
+    headers = filter_request_headers(request.headers, streamed=streamed)
+    headers["X-Request-Id"] = request[REQUEST_ID]
+    upstream = UpstreamRequest(request.method, url, headers, action, credentials)
+    if streamed:
+        upstream = replace(upstream, stream=stream_body(request, settings.max_upload_bytes))
+    elif request.body_exists:
+        upstream = replace(upstream, body=await read_body(request, settings.max_body_bytes))
+    sent = time.perf_counter()
+    async with upstream_client(request).open(upstream) as answer:
+        timing = _server_timing(started, sent, time.perf_counter())
+        return await stream_back(request, answer, timing)
+
+
+def _server_timing(started: float, sent: float, answered: float) -> str:
+    gateway_ms = (sent - started) * 1000
+    upstream_ms = (answered - sent) * 1000
+    return f"gateway;dur={gateway_ms:.2f}, upstream;dur={upstream_ms:.2f}"
+
+
+async def stream_back(
+    request: web.Request, answer: aiohttp.ClientResponse, timing: str
+) -> web.StreamResponse:
+    """Copy the upstream status, end-to-end headers and body to the client as it arrives."""
+    response = web.StreamResponse(
+        status=answer.status, reason=answer.reason, headers=filter_response_headers(answer.headers)
+    )
+    response.headers["X-Request-Id"] = request[REQUEST_ID]
+    response.headers["Server-Timing"] = timing
+    request[UPSTREAM_STATUS] = answer.status
+    await response.prepare(request)
+    request[RESPONSE_STARTED] = True
+    try:
+        async for chunk in answer.content.iter_any():
+            await response.write(chunk)
+    except (aiohttp.ClientError, OSError) as exc:
+        # Headers are gone already: no envelope is possible, so drop the connection.
+        logger.warning(
+            "response stream cut after %d bytes: %s", response.body_length, exc.__class__.__name__
+        )
+        raise
+    await response.write_eof()
+    return response

@@ -1,0 +1,86 @@
+"""Local handlers: status, the public key directory, liveness and readiness."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from proxy import __version__
+from proxy.appkeys import API_KEY, SETTINGS, STATE, current_tenant
+from proxy.config import mask_key
+from proxy.errors import NotFound, NotReady
+
+SERVICE_NAME = "nxlink-openapi-proxy"
+
+
+def envelope(message: str, data: Any = None, **extra: Any) -> web.Response:
+    """A 200 answer in the gateway's ``{"code", "message", "data"}`` envelope."""
+    body: dict[str, Any] = {"code": 200, "message": message}
+    if data is not None:
+        body["data"] = data
+    body.update(extra)
+    return web.json_response(body, dumps=_dumps)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def utc_now_iso() -> str:
+    """Now as ISO-8601 UTC with milliseconds and a ``Z``."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+async def handle_status(request: web.Request) -> web.Response:
+    """Who the caller is to the gateway, and where its calls go."""
+    tenant = current_tenant(request)
+    return envelope(
+        "OpenAPI service is running",
+        {
+            "service": SERVICE_NAME,
+            "version": __version__,
+            "timestamp": utc_now_iso(),
+            "apiKey": mask_key(request[API_KEY]),
+            "apiKeyAlias": tenant.alias,
+            "apiKeyDescription": tenant.description,
+            "hasOpenApiConfig": tenant.credentials is not None,
+            "openApiBaseUrl": tenant.base_url,
+            "openApiBizType": tenant.biz_type,
+        },
+    )
+
+
+async def handle_keys(request: web.Request) -> web.Response:
+    """The public key directory: aliases only, never a key or a secret."""
+    if not request.app[SETTINGS].public_key_directory:
+        raise NotFound()
+    tenants = request.app[STATE].registry.tenants
+    keys = [
+        {
+            "alias": t.alias,
+            "description": t.description,
+            "hasOpenApiConfig": t.credentials is not None,
+            "openApiBaseUrl": t.base_url,
+            "bizType": t.biz_type,
+        }
+        for t in tenants
+    ]
+    return envelope("Available API Keys", {"totalKeys": len(keys), "keys": keys})
+
+
+async def handle_healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers."""
+    return envelope("ok", {"status": "alive"})
+
+
+async def handle_readyz(request: web.Request) -> web.Response:
+    """Readiness: configuration loaded and not draining."""
+    state = request.app[STATE]
+    if state.draining:
+        raise NotReady("Draining for shutdown")
+    if not state.ready:
+        raise NotReady("Configuration not loaded yet")
+    return envelope("ready", {"status": "ready", "tenants": len(state.registry)})

@@ -1,0 +1,86 @@
+"""JSON log lines on stdout, the request-id stamp, the access logger and ``mask_key``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from contextvars import ContextVar
+from typing import Final
+
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web import BaseRequest, StreamResponse
+
+from proxy.appkeys import REQUEST_ID, TENANT, UPSTREAM_STATUS
+
+request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
+
+STANDARD_FIELDS: Final = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+
+
+class RequestIdFilter(logging.Filter):
+    """Stamps the current request id on every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = request_id_var.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request id and extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in STANDARD_FIELDS:
+                line[key] = value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+def setup_logging(level: str) -> None:
+    """Route every logger to JSON lines on stdout at ``level``."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RequestIdFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One JSON access line per request: who, what, how it ended and how long it took."""
+
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        tenant = request.get(TENANT)
+        self.logger.info(
+            "%s %s %s",
+            request.method,
+            request.path,
+            response.status,
+            extra={
+                "request_id": request.get(REQUEST_ID, "-"),
+                "tenant": tenant.alias if tenant is not None else None,
+                "method": request.method,
+                "path": request.path,
+                "status": response.status,
+                "upstream_status": request.get(UPSTREAM_STATUS),
+                "duration_ms": round(time * 1000, 2),
+                "bytes_in": request.content_length or 0,
+                "bytes_out": response.body_length,
+                "remote": request.remote,
+            },
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)

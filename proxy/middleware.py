@@ -1,0 +1,128 @@
+"""The middleware chain: request id → errors → auth (→ limits), one concern each."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from proxy.appkeys import API_KEY, REQUEST_ID, RESPONSE_STARTED, SETTINGS, STATE, TENANT
+from proxy.config import mask_key
+from proxy.errors import (
+    ApiKeyExpired,
+    GatewayError,
+    InternalError,
+    InvalidApiKey,
+    MethodNotAllowed,
+    MissingApiKey,
+    NotFound,
+    PayloadTooLarge,
+    RequestError,
+)
+from proxy.logs import request_id_var
+
+logger = logging.getLogger(__name__)
+
+
+REQUEST_ID_HEADER: Final = "X-Request-Id"
+SANE_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+HTTP_ERRORS: Final[dict[int, type[GatewayError]]] = {
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: PayloadTooLarge,
+}
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Take a sane client ``X-Request-Id`` or make one; stamp logs and the answer with it."""
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    request_id = given if SANE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    token = request_id_var.set(request_id)
+    try:
+        response = await handler(request)
+    finally:
+        request_id_var.reset(token)
+    if not response.prepared:
+        response.headers[REQUEST_ID_HEADER] = request_id
+    return response
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one place failures become the JSON envelope; nothing renders once a stream began."""
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        if request.get(RESPONSE_STARTED):
+            raise
+        return render_error(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        cls = HTTP_ERRORS.get(exc.status, RequestError)
+        return render_error(cls(exc.reason, status=exc.status))
+    except Exception:
+        if request.get(RESPONSE_STARTED):
+            raise
+        logger.exception("unhandled error on %s %s", request.method, request.path)
+        return render_error(InternalError())
+
+
+def render_error(exc: GatewayError) -> web.Response:
+    """The envelope response for ``exc``; server-side failures are logged."""
+    if exc.status >= 500:
+        logger.warning("request failed: %s %s", exc.code, exc.message)
+    return web.Response(
+        body=exc.body(),
+        status=exc.status,
+        content_type="application/json",
+        charset="utf-8",
+        headers=exc.headers(),
+    )
+
+
+def presented_key(request: web.Request) -> str:
+    """The client's key from ``x-api-key`` or ``Authorization: Bearer``; empty when absent."""
+    key = request.headers.get("x-api-key", "").strip()
+    if key:
+        return key
+    scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def auth_middleware(*, public_routes: frozenset[str]) -> Middleware:
+    """Resolve the tenant from the API key on every route not in ``public_routes``."""
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        route_name = request.match_info.route.name
+        if route_name in public_routes or request.match_info.http_exception is not None:
+            return await handler(request)
+        key = presented_key(request)
+        if not key:
+            raise MissingApiKey()
+        match = request.app[STATE].registry.lookup(key)
+        if match is None:
+            raise InvalidApiKey(apiKey=mask_key(key), **_directory(request))
+        if match.key.expired(datetime.now(UTC)):
+            raise ApiKeyExpired(apiKey=mask_key(key), apiKeyAlias=match.tenant.alias)
+        request[TENANT] = match.tenant
+        request[API_KEY] = key
+        return await handler(request)
+
+    return auth
+
+
+def _directory(request: web.Request) -> dict[str, Any]:
+    """``availableKeys`` for a 403, unless the public key directory is off."""
+    if not request.app[SETTINGS].public_key_directory:
+        return {}
+    tenants = request.app[STATE].registry.tenants
+    return {"availableKeys": [{"alias": t.alias, "description": t.description} for t in tenants]}

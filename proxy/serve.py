@@ -1,0 +1,136 @@
+"""Process lifetime: event loop, listening sites, signals, demo sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from typing import Any, Final
+
+from aiohttp import web
+
+from proxy.app import create_app
+from proxy.appkeys import STATE
+from proxy.config import Settings
+from proxy.logs import AccessLogger, setup_logging
+from proxy.sandbox import create_sandbox_app
+from proxy.tenants import DEMO_TENANTS, Credentials, Registry, demo_registry
+
+logger = logging.getLogger(__name__)
+
+ConfigSource = tuple[Mapping[str, str], Mapping[str, str]]
+LOOPBACK: Final = "127.0.0.1"
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop when installed, else on asyncio's own loop."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
+        pass
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)
+
+
+def run_gateway(
+    settings: Settings, registry: Registry, *, source: ConfigSource, demo: bool
+) -> None:
+    """Serve until SIGTERM/SIGINT, then drain for up to ``SHUTDOWN_GRACE`` seconds."""
+    setup_logging(settings.log_level)
+    run(_serve(settings, registry, demo=demo))
+
+
+def run_sandbox(host: str, port: int, accounts: Iterable[Credentials]) -> None:
+    """Serve the nxlink emulator alone (demo accounts when none are given)."""
+    setup_logging("info")
+    run(_serve_sandbox(host, port, list(accounts)))
+
+
+async def start_site(app: web.Application, host: str, port: int, **kw: Any) -> web.AppRunner:
+    """Set up ``app`` and listen on ``host:port``."""
+    runner = web.AppRunner(app, access_log_class=AccessLogger, handle_signals=False, **kw)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, reuse_port=kw.pop("reuse_port", None)).start()
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    """The port the runner's first site listens on (useful after binding port 0)."""
+    return int(runner.addresses[0][1])
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _serve(settings: Settings, registry: Registry, *, demo: bool) -> None:
+    stop = _stop_event()
+    sandbox = None
+    if demo:
+        sandbox = await start_site(create_sandbox_app(_demo_accounts()), LOOPBACK, 0)
+        registry = demo_registry(f"http://{LOOPBACK}:{bound_port(sandbox)}")
+    app = create_app(settings, registry)
+    runner = await start_site(
+        app, settings.host, settings.port, shutdown_timeout=settings.shutdown_grace
+    )
+    logger.info(
+        "gateway listening",
+        extra={
+            "host": settings.host,
+            "port": bound_port(runner),
+            "tenants": len(registry),
+            "demo": demo,
+        },
+    )
+    if demo:
+        _demo_banner(settings.host, bound_port(runner))
+    await stop.wait()
+    logger.info("shutting down", extra={"grace_s": settings.shutdown_grace})
+    app[STATE].draining = True
+    await runner.cleanup()
+    if sandbox is not None:
+        await sandbox.cleanup()
+
+
+async def _serve_sandbox(host: str, port: int, accounts: list[Credentials]) -> None:
+    stop = _stop_event()
+    runner = await start_site(create_sandbox_app(accounts or _demo_accounts()), host, port)
+    logger.info(
+        "sandbox listening",
+        extra={
+            "host": host,
+            "port": bound_port(runner),
+            "accounts": len(accounts) or len(DEMO_TENANTS),
+        },
+    )
+    await stop.wait()
+    await runner.cleanup()
+
+
+def _demo_accounts() -> list[Credentials]:
+    return [t.credentials for t in demo_registry("http://demo").tenants if t.credentials]
+
+
+def _demo_banner(host: str, port: int) -> None:
+    shown = LOOPBACK if host in ("0.0.0.0", "::") else host
+    lines = [
+        "=" * 72,
+        "DEMO MODE: no tenant is configured, so the gateway serves two demo tenants",
+        "against the bundled nxlink sandbox (an in-memory emulator, not the real nxlink).",
+        "",
+        *(f"  {alias}: x-api-key: {key}" for alias, _desc, key, _ak in DEMO_TENANTS),
+        "",
+        f"  try: curl -H 'x-api-key: {DEMO_TENANTS[0][2]}' http://{shown}:{port}/api/openapi/status",
+        "Configure real tenants in .env or a tenants file (see config/) to leave demo mode.",
+        "=" * 72,
+    ]
+    print("\n".join(lines), file=sys.stderr, flush=True)

@@ -1,0 +1,139 @@
+"""The upstream client: one pooled session, per-attempt signing, connect retries, error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Final
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy.config import Settings
+from proxy.errors import UpstreamTimeout, UpstreamUnavailable
+from proxy.signing import sign_headers
+from proxy.tenants import Credentials
+
+logger = logging.getLogger(__name__)
+
+MAX_ATTEMPTS: Final = 3
+# Failures that happen before a single byte reached nxlink, so a retry cannot duplicate a call.
+CONNECT_ERRORS: Final = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+# Headers aiohttp would add on its own; a client that did not send them must not get them added.
+AUTO_HEADERS: Final = ("Accept-Encoding", "User-Agent", "Content-Type", "Accept")
+
+StreamFactory = Callable[[], AsyncIterator[bytes]]
+
+
+def now_ms() -> int:
+    """Wall-clock Unix time in milliseconds, as nxlink's ``ts`` wants it."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    """One call to nxlink before signing: the body is either bytes (signed) or a stream factory."""
+
+    method: str
+    url: URL
+    headers: CIMultiDict[str]
+    action: str
+    credentials: Credentials
+    body: bytes | None = None
+    stream: StreamFactory | None = None
+
+
+def create_session(settings: Settings) -> aiohttp.ClientSession:
+    """The app's one pooled session: no cookie jar shared across tenants, no proxy from env."""
+    connector = aiohttp.TCPConnector(
+        limit=settings.upstream_max_connections, limit_per_host=0, ttl_dns_cache=300
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        sock_connect=settings.upstream_connect_timeout,
+        sock_read=settings.upstream_timeout,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+        auto_decompress=False,
+    )
+
+
+class UpstreamClient:
+    """Sends signed requests to nxlink; ``ts``/``sign`` are fresh on every attempt."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        timeout: float,
+        clock: Callable[[], int] = now_ms,
+    ):
+        self.session = session
+        self.timeout = timeout
+        self.clock = clock
+
+    @asynccontextmanager
+    async def open(self, request: UpstreamRequest) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Send ``request`` and yield the response once its headers arrived."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                response = await self._send_with_retries(request)
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"Upstream did not answer within {self.timeout:g}s") from exc
+        try:
+            yield response
+        finally:
+            response.release()
+
+    async def _send_with_retries(self, request: UpstreamRequest) -> aiohttp.ClientResponse:
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                return await self._send_once(request)
+            except CONNECT_ERRORS as exc:
+                if attempt == MAX_ATTEMPTS:
+                    raise UpstreamUnavailable(
+                        f"Cannot connect to upstream {request.url.host} ({exc.__class__.__name__})"
+                    ) from exc
+                logger.warning(
+                    "upstream connect failed, retrying",
+                    extra={"host": request.url.host, "attempt": attempt, "reason": str(exc)},
+                )
+            except aiohttp.ClientError as exc:
+                raise UpstreamUnavailable(
+                    f"Upstream connection failed ({exc.__class__.__name__})"
+                ) from exc
+        raise AssertionError("unreachable")
+
+    async def _send_once(self, request: UpstreamRequest) -> aiohttp.ClientResponse:
+        multipart = request.stream is not None
+        signed = sign_headers(
+            request.credentials, request.action, request.body, self.clock(), multipart=multipart
+        )
+        headers = CIMultiDict(request.headers)
+        headers.update(signed)
+        data = request.stream() if request.stream is not None else (request.body or None)
+        skip = [name for name in AUTO_HEADERS if name not in request.headers]
+        return await self.session.request(
+            request.method,
+            request.url,
+            headers=headers,
+            data=data,
+            skip_auto_headers=skip,
+            allow_redirects=False,
+        )
+
+
+def json_headers(extra: Mapping[str, str] | None = None) -> CIMultiDict[str]:
+    """Headers for a gateway-built JSON call (append-numbers)."""
+    headers = CIMultiDict({"Content-Type": "application/json", "Accept": "application/json"})
+    headers.update(extra or {})
+    return headers

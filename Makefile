@@ -25,5 +25,8 @@ lint: install
 test: lint
 	$(BIN)/python -m pytest -q
 
+bench: install
+	$(BIN)/python -m bench
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

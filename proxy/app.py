@@ -2,45 +2,105 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Final
 
+import aiohttp_cors
 from aiohttp import web
 
-from proxy.appkeys import ACTIONS, SETTINGS, STATE, UPSTREAM, GatewayState
+from proxy.appkeys import (
+    ACTIONS,
+    LIMITER,
+    METRICS,
+    RELOADER,
+    SETTINGS,
+    STATE,
+    UPSTREAM,
+    GatewayState,
+)
 from proxy.config import Settings
 from proxy.forwarding import action_table, handle_forward
-from proxy.handlers import handle_healthz, handle_keys, handle_readyz, handle_status
-from proxy.middleware import auth_middleware, error_middleware, request_id_middleware
+from proxy.handlers import (
+    handle_healthz,
+    handle_keys,
+    handle_metrics,
+    handle_readyz,
+    handle_status,
+)
+from proxy.limits import Limiter
+from proxy.metrics import Metrics
+from proxy.middleware import (
+    auth_middleware,
+    error_middleware,
+    limits_middleware,
+    metrics_middleware,
+    request_id_middleware,
+)
+from proxy.reload import Loader, Reloader
 from proxy.tenants import Registry
 from proxy.upstream import UpstreamClient, create_session, now_ms
 
 # Routes answered without an API key.
 PUBLIC_ROUTES: Final = frozenset({"keys", "healthz", "readyz", "metrics"})
+# Methods forwarded under /openapi/ (OPTIONS stays free for CORS preflights).
+FORWARD_METHODS: Final = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 
 def create_app(
-    settings: Settings, registry: Registry, *, clock: Callable[[], int] = now_ms
+    settings: Settings,
+    registry: Registry,
+    *,
+    clock: Callable[[], int] = now_ms,
+    reload: Loader | None = None,
 ) -> web.Application:
     """The gateway as an aiohttp application; the only way to build one."""
     app = web.Application(
         middlewares=[
             request_id_middleware,
+            metrics_middleware,
             error_middleware,
             auth_middleware(public_routes=PUBLIC_ROUTES),
+            limits_middleware,
         ],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
     app[STATE] = GatewayState(registry)
     app[ACTIONS] = action_table(settings.extra_actions)
+    app[METRICS] = Metrics()
+    app[LIMITER] = Limiter(settings)
     app.cleanup_ctx.append(_upstream_lifetime(clock))
+    if reload is not None:
+        watched = [p for p in (settings.tenants_file, Path(settings.env_file)) if p is not None]
+        app[RELOADER] = Reloader(app[STATE], reload, watched, app[METRICS])
+        app.cleanup_ctx.append(_reload_lifetime)
+    _add_routes(app)
+    if settings.cors_allow_origins:
+        _enable_cors(app, settings.cors_allow_origins)
+    return app
+
+
+def _add_routes(app: web.Application) -> None:
     app.router.add_get("/api/openapi/status", handle_status, name="status")
     app.router.add_get("/api/openapi/keys", handle_keys, name="keys")
     app.router.add_get("/healthz", handle_healthz, name="healthz")
     app.router.add_get("/readyz", handle_readyz, name="readyz")
-    app.router.add_route("*", "/openapi/{tail:.*}", handle_forward, name="forward")
-    return app
+    app.router.add_get("/metrics", handle_metrics, name="metrics")
+    forward = app.router.add_resource("/openapi/{tail:.*}", name="forward")
+    for method in FORWARD_METHODS:
+        forward.add_route(method, handle_forward)
+
+
+def _enable_cors(app: web.Application, origins: tuple[str, ...]) -> None:
+    options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]  # untyped library
+        allow_credentials=False, expose_headers="*", allow_headers="*", allow_methods="*"
+    )
+    cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
+    for route in list(app.router.routes()):
+        cors.add(route)
 
 
 def _upstream_lifetime(
@@ -56,3 +116,11 @@ def _upstream_lifetime(
         await session.close()
 
     return lifetime
+
+
+async def _reload_lifetime(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(app[RELOADER].watch(), name="config-reload")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -10,6 +10,9 @@ from aiohttp import web
 
 from proxy.config import Settings
 from proxy.errors import ConfigIncomplete
+from proxy.limits import Limiter
+from proxy.metrics import Metrics
+from proxy.reload import Reloader
 from proxy.tenants import Credentials, Registry, Tenant
 from proxy.upstream import UpstreamClient
 
@@ -27,6 +30,9 @@ SETTINGS: Final = web.AppKey("settings", Settings)
 STATE: Final = web.AppKey("state", GatewayState)
 ACTIONS: Final = web.AppKey[Mapping[str, str]]("actions")
 UPSTREAM: Final = web.AppKey("upstream", UpstreamClient)
+METRICS: Final = web.AppKey("metrics", Metrics)
+LIMITER: Final = web.AppKey("limiter", Limiter)
+RELOADER: Final = web.AppKey("reloader", Reloader)
 
 REQUEST_ID: Final = web.RequestKey("request_id", str)
 TENANT: Final = web.RequestKey("tenant", Tenant)
@@ -51,3 +57,8 @@ def current_credentials(request: web.Request) -> Credentials:
 def upstream_client(request: web.Request) -> UpstreamClient:
     """The app's one upstream client."""
     return request.app[UPSTREAM]
+
+
+def metrics(request: web.Request) -> Metrics:
+    """The app's metrics."""
+    return request.app[METRICS]

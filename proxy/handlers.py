@@ -7,9 +7,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import __version__
-from proxy.appkeys import API_KEY, SETTINGS, STATE, current_tenant
+from proxy.appkeys import API_KEY, METRICS, SETTINGS, STATE, current_tenant
 from proxy.config import mask_key
 from proxy.errors import NotFound, NotReady
 
@@ -69,6 +70,12 @@ async def handle_keys(request: web.Request) -> web.Response:
         for t in tenants
     ]
     return envelope("Available API Keys", {"totalKeys": len(keys), "keys": keys})
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition of this app's metrics."""
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def handle_healthz(request: web.Request) -> web.Response:

@@ -11,7 +11,16 @@ from typing import Any, Final
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from proxy.appkeys import API_KEY, REQUEST_ID, RESPONSE_STARTED, SETTINGS, STATE, TENANT
+from proxy.appkeys import (
+    API_KEY,
+    LIMITER,
+    REQUEST_ID,
+    RESPONSE_STARTED,
+    SETTINGS,
+    STATE,
+    TENANT,
+    metrics,
+)
 from proxy.config import mask_key
 from proxy.errors import (
     ApiKeyExpired,
@@ -23,8 +32,10 @@ from proxy.errors import (
     NotFound,
     PayloadTooLarge,
     RequestError,
+    TooManyRequests,
 )
 from proxy.logs import request_id_var
+from proxy.metrics import status_class
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +63,24 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
     if not response.prepared:
         response.headers[REQUEST_ID_HEADER] = request_id
     return response
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count every answer by tenant alias, route and status class; track requests in flight."""
+    registry = metrics(request)
+    registry.in_flight.inc()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        registry.in_flight.dec()
+        tenant = request.get(TENANT)
+        route = request.match_info.route.name or "unmatched"
+        alias = tenant.alias if tenant is not None else ""
+        registry.requests.labels(alias, route, status_class(status)).inc()
 
 
 @web.middleware
@@ -102,22 +131,53 @@ def auth_middleware(*, public_routes: frozenset[str]) -> Middleware:
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        route_name = request.match_info.route.name
-        if route_name in public_routes or request.match_info.http_exception is not None:
+        if _is_public(request, public_routes):
             return await handler(request)
         key = presented_key(request)
         if not key:
-            raise MissingApiKey()
+            raise _rejected(request, MissingApiKey())
         match = request.app[STATE].registry.lookup(key)
         if match is None:
-            raise InvalidApiKey(apiKey=mask_key(key), **_directory(request))
+            raise _rejected(request, InvalidApiKey(apiKey=mask_key(key), **_directory(request)))
         if match.key.expired(datetime.now(UTC)):
-            raise ApiKeyExpired(apiKey=mask_key(key), apiKeyAlias=match.tenant.alias)
+            expired = ApiKeyExpired(apiKey=mask_key(key), apiKeyAlias=match.tenant.alias)
+            raise _rejected(request, expired)
         request[TENANT] = match.tenant
         request[API_KEY] = key
         return await handler(request)
 
     return auth
+
+
+def _is_public(request: web.Request, public_routes: frozenset[str]) -> bool:
+    """Named public routes, unmatched paths (404/405) and CORS preflights need no key."""
+    if request.match_info.route.name in public_routes:
+        return True
+    if request.match_info.http_exception is not None:
+        return True
+    # Preflights carry no credentials by design; only aiohttp-cors answers OPTIONS here.
+    return request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers
+
+
+def _rejected(request: web.Request, exc: GatewayError) -> GatewayError:
+    metrics(request).rejected.labels(exc.code).inc()
+    return exc
+
+
+@web.middleware
+async def limits_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Per-tenant rate limit and in-flight cap; public routes have no tenant and pass."""
+    tenant = request.get(TENANT)
+    if tenant is None:
+        return await handler(request)
+    limiter = request.app[LIMITER]
+    try:
+        limiter.check_rate(tenant)
+        with limiter.slot(tenant):
+            return await handler(request)
+    except TooManyRequests as exc:
+        metrics(request).limited.labels(tenant.alias, exc.code).inc()
+        raise
 
 
 def _directory(request: web.Request) -> dict[str, Any]:

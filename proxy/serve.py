@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -12,11 +14,12 @@ from typing import Any, Final
 from aiohttp import web
 
 from proxy.app import create_app
-from proxy.appkeys import STATE
-from proxy.config import Settings
+from proxy.appkeys import RELOADER, STATE
+from proxy.config import Settings, parse_settings, read_environment
 from proxy.logs import AccessLogger, setup_logging
+from proxy.reload import Loader
 from proxy.sandbox import create_sandbox_app
-from proxy.tenants import DEMO_TENANTS, Credentials, Registry, demo_registry
+from proxy.tenants import DEMO_TENANTS, Credentials, Registry, demo_registry, load_registry
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +40,52 @@ def run(main: Coroutine[Any, Any, None]) -> None:
         runner.run(main)
 
 
-def run_gateway(
-    settings: Settings, registry: Registry, *, source: ConfigSource, demo: bool
-) -> None:
+def config_loader(source: ConfigSource) -> Loader:
+    """Re-reads ``.env``, the environment and the tenants file into a new registry."""
+
+    def load() -> Registry:
+        env = read_environment(*source)
+        return load_registry(env, parse_settings(env))
+
+    return load
+
+
+def run_gateway(settings: Settings, registry: Registry, *, source: ConfigSource, demo: bool) -> int:
     """Serve until SIGTERM/SIGINT, then drain for up to ``SHUTDOWN_GRACE`` seconds."""
     setup_logging(settings.log_level)
-    run(_serve(settings, registry, demo=demo))
+    load = None if demo else config_loader(source)
+    if settings.workers > 1 and not demo:
+        return _supervise(settings, registry, load)
+    if settings.workers > 1:
+        logger.warning("demo mode runs one worker: the sandbox keeps its state in memory")
+    run(_serve(settings, registry, demo=demo, load=load))
+    return 0
+
+
+def _supervise(settings: Settings, registry: Registry, load: Loader | None) -> int:
+    """Fork WORKERS processes sharing the port (SO_REUSEPORT); relay signals; wait for all."""
+    context = multiprocessing.get_context("fork")
+    workers = [
+        context.Process(target=_worker, args=(settings, registry, load), name=f"worker-{n}")
+        for n in range(settings.workers)
+    ]
+    for worker in workers:
+        worker.start()
+
+    def relay(signum: int, _frame: object) -> None:
+        for worker in workers:
+            if worker.pid is not None and worker.is_alive():
+                os.kill(worker.pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, relay)
+    for worker in workers:
+        worker.join()
+    return max((w.exitcode or 0) for w in workers)
+
+
+def _worker(settings: Settings, registry: Registry, load: Loader | None) -> None:
+    run(_serve(settings, registry, demo=False, load=load, reuse_port=True))
 
 
 def run_sandbox(host: str, port: int, accounts: Iterable[Credentials]) -> None:
@@ -51,11 +94,15 @@ def run_sandbox(host: str, port: int, accounts: Iterable[Credentials]) -> None:
     run(_serve_sandbox(host, port, list(accounts)))
 
 
-async def start_site(app: web.Application, host: str, port: int, **kw: Any) -> web.AppRunner:
+async def start_site(
+    app: web.Application, host: str, port: int, *, reuse_port: bool = False, grace: float = 0
+) -> web.AppRunner:
     """Set up ``app`` and listen on ``host:port``."""
-    runner = web.AppRunner(app, access_log_class=AccessLogger, handle_signals=False, **kw)
+    runner = web.AppRunner(
+        app, access_log_class=AccessLogger, handle_signals=False, shutdown_timeout=grace
+    )
     await runner.setup()
-    await web.TCPSite(runner, host, port, reuse_port=kw.pop("reuse_port", None)).start()
+    await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
     return runner
 
 
@@ -72,15 +119,24 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
-async def _serve(settings: Settings, registry: Registry, *, demo: bool) -> None:
+async def _serve(
+    settings: Settings,
+    registry: Registry,
+    *,
+    demo: bool,
+    load: Loader | None,
+    reuse_port: bool = False,
+) -> None:
     stop = _stop_event()
     sandbox = None
     if demo:
         sandbox = await start_site(create_sandbox_app(_demo_accounts()), LOOPBACK, 0)
         registry = demo_registry(f"http://{LOOPBACK}:{bound_port(sandbox)}")
-    app = create_app(settings, registry)
+    app = create_app(settings, registry, reload=load)
+    if RELOADER in app:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, app[RELOADER].request)
     runner = await start_site(
-        app, settings.host, settings.port, shutdown_timeout=settings.shutdown_grace
+        app, settings.host, settings.port, reuse_port=reuse_port, grace=settings.shutdown_grace
     )
     logger.info(
         "gateway listening",

@@ -1,0 +1,92 @@
+"""Hot reload of tenants: on SIGHUP and when a watched file changes, swapped in whole."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+from proxy.config import ConfigError
+from proxy.metrics import Metrics
+from proxy.tenants import Registry
+
+if TYPE_CHECKING:
+    from proxy.appkeys import GatewayState
+
+logger = logging.getLogger(__name__)
+
+POLL_SECONDS: Final = 2.0
+Loader = Callable[[], Registry]
+Stamp = tuple[int, int, int] | None
+
+
+def file_stamp(path: Path) -> Stamp:
+    """What changes when a file is rewritten or replaced: mtime, size, inode."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_mtime_ns, info.st_size, info.st_ino)
+
+
+class Reloader:
+    """Re-reads the configuration off the event loop and swaps the registry if it is valid."""
+
+    def __init__(
+        self,
+        state: GatewayState,
+        load: Loader,
+        watched: Sequence[Path],
+        metrics: Metrics,
+        *,
+        interval: float = POLL_SECONDS,
+    ):
+        self.state = state
+        self.load = load
+        self.watched = tuple(watched)
+        self.metrics = metrics
+        self.interval = interval
+        self._wanted = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    def request(self) -> None:
+        """Ask for a reload now (the SIGHUP handler calls this)."""
+        self._wanted.set()
+
+    async def reload(self, reason: str) -> bool:
+        """Load, validate and swap; a bad configuration is refused and the running one stays."""
+        async with self._lock:
+            try:
+                registry = await asyncio.to_thread(self.load)
+            except ConfigError as exc:
+                self.metrics.reloads.labels("failure").inc()
+                logger.error(
+                    "configuration reload refused (%s); keeping the running one",
+                    reason,
+                    extra={"problems": exc.problems},
+                )
+                return False
+            self.state.registry = registry
+            self.metrics.reloads.labels("success").inc()
+            logger.info("configuration reloaded (%s)", reason, extra={"tenants": len(registry)})
+            for warning in registry.warnings:
+                logger.warning("configuration: %s", warning)
+            return True
+
+    async def watch(self) -> None:
+        """Poll the watched files' stamps; reload on a change or on request."""
+        stamps = [file_stamp(p) for p in self.watched]
+        while True:
+            try:
+                await asyncio.wait_for(self._wanted.wait(), self.interval)
+                reason = "signal"
+            except TimeoutError:
+                reason = "file change"
+            self._wanted.clear()
+            current = [file_stamp(p) for p in self.watched]
+            if reason == "signal" or current != stamps:
+                stamps = current
+                await self.reload(reason)

@@ -15,14 +15,16 @@ from proxy import __version__
 from proxy.config import (
     ConfigError,
     Secret,
+    Settings,
     mask_key,
     parse_settings,
     process_environ,
     read_environment,
 )
+from proxy.limits import TenantPolicy
 from proxy.serve import run_gateway, run_sandbox
 from proxy.signing import sign_headers, string_to_sign
-from proxy.tenants import Credentials, Registry, hash_key, load_registry
+from proxy.tenants import Credentials, Registry, Tenant, hash_key, load_registry
 from proxy.upstream import now_ms
 
 logger = logging.getLogger(__name__)
@@ -113,59 +115,73 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
     }
 
 
-def _load(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[dict[str, str], Registry]:
+def _load(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Settings, Registry]:
+    """Settings and tenants, the problems of both gathered into one ``ConfigError``."""
     env = read_environment(environ, _overrides(args))
-    return env, load_registry(env, parse_settings(env))
+    problems: list[str] = []
+    try:
+        settings = parse_settings(env)
+    except ConfigError as exc:
+        problems += exc.problems
+        # Still load the tenants, so that one run lists every problem.
+        settings = parse_settings({"TENANTS_FILE": env.get("TENANTS_FILE", "")})
+    try:
+        registry = load_registry(env, settings)
+    except ConfigError as exc:
+        raise ConfigError(problems + exc.problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return settings, registry
 
 
 def cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """Run the gateway until SIGTERM/SIGINT."""
-    env = read_environment(environ, _overrides(args))
-    settings = parse_settings(env)
-    registry = load_registry(env, settings)
+    settings, registry = _load(args, environ)
     if len(registry) == 0 and not args.demo:
         raise ConfigError([NO_TENANTS])
     if args.demo and len(registry) > 0:
         print("tenants are configured, so --demo is ignored", file=sys.stderr)
-    run_gateway(
+    return run_gateway(
         settings,
         registry,
         source=(dict(environ), _overrides(args)),
         demo=args.demo and len(registry) == 0,
     )
-    return 0
 
 
 def cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """Validate the configuration and print the tenant table, secrets masked."""
-    env, registry = _load(args, environ)
-    settings = parse_settings(env)
+    settings, registry = _load(args, environ)
     if len(registry) == 0:
         raise ConfigError([NO_TENANTS])
     print(f"{len(registry)} tenant(s) configured; settings OK")
     for tenant in registry.tenants:
-        creds = tenant.credentials
-        limits = tenant.limits
-        rps = limits.rate_limit_rps or settings.rate_limit_rps
-        print(f"- {tenant.alias} [{tenant.source}]")
-        print(f"    keys:      {', '.join(k.hint for k in tenant.keys)}")
-        print(f"    baseUrl:   {tenant.base_url}  bizType: {tenant.biz_type}")
-        if creds is None:
-            print("    openapi:   MISSING accessKey/accessSecret")
-        else:
-            print(
-                f"    openapi:   accessKey {mask_key(creds.access_key)}, accessSecret <hidden>, "
-                f"algorithm {creds.algorithm}"
-            )
-        print(
-            f"    limits:    rate {rps or 'off'} rps, burst "
-            f"{limits.rate_limit_burst or settings.rate_limit_burst or 'auto'}, in-flight "
-            f"{limits.max_inflight or settings.max_inflight_per_tenant or 'off'}, append batch "
-            f"{limits.append_batch_size or settings.append_batch_size}"
-        )
+        print("\n".join(describe_tenant(tenant, settings)))
     for warning in registry.warnings:
         print(f"warning: {warning}")
     return 0
+
+
+def describe_tenant(tenant: Tenant, settings: Settings) -> list[str]:
+    """A tenant's lines in ``check``: keys as hints, no secret, the limits in force."""
+    creds = tenant.credentials
+    policy = TenantPolicy.of(tenant, settings)
+    rate = f"{policy.rate:g} rps, burst {policy.burst}" if policy.rate else "off"
+    batch = tenant.limits.append_batch_size or settings.append_batch_size
+    openapi = (
+        "MISSING accessKey/accessSecret"
+        if creds is None
+        else f"accessKey {mask_key(creds.access_key)}, accessSecret <hidden>, "
+        f"algorithm {creds.algorithm}"
+    )
+    return [
+        f"- {tenant.alias} [{tenant.source}]",
+        f"    keys:      {', '.join(k.hint for k in tenant.keys)}",
+        f"    baseUrl:   {tenant.base_url}  bizType: {tenant.biz_type}",
+        f"    openapi:   {openapi}",
+        f"    limits:    rate {rate}, in-flight {policy.max_inflight or 'off'}, "
+        f"append batch {batch}",
+    ]
 
 
 def cmd_sign(args: argparse.Namespace, environ: Mapping[str, str]) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -137,17 +138,21 @@ def read_environment(
     """Merge ``.env`` < environment < overrides, then resolve every ``NAME_FILE``."""
     overrides = dict(overrides or {})
     env_file = overrides.get("ENV_FILE") or environ.get("ENV_FILE") or DEFAULT_ENV_FILE
-    merged: dict[str, str] = {}
+    dotenv: dict[str, str] = {}
     problems: list[str] = []
-    if Path(env_file).is_file():
+    if Path(env_file).exists():
         try:
-            merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+            dotenv = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
         except (OSError, UnicodeDecodeError) as exc:
             problems.append(f"ENV_FILE={env_file}: cannot be read ({exc}); fix or remove it")
     elif "ENV_FILE" in overrides or "ENV_FILE" in environ:
         problems.append(f"ENV_FILE={env_file}: no such file; create it or drop the setting")
-    merged.update(environ)
-    merged.update(overrides)
+    merged: dict[str, str] = {}
+    for layer in (dotenv, environ, overrides):
+        # A higher layer's NAME (or NAME_FILE) replaces a lower layer's NAME_FILE (or NAME).
+        for other in filter(None, map(_counterpart, layer)):
+            merged.pop(other, None)
+        merged.update(layer)
     merged["ENV_FILE"] = env_file
     problems += _resolve_file_variables(merged)
     if problems:
@@ -175,6 +180,13 @@ def _resolve_file_variables(env: dict[str, str]) -> list[str]:
     return problems
 
 
+def _counterpart(key: str) -> str | None:
+    """``NAME`` for ``NAME_FILE`` and ``NAME_FILE`` for ``NAME``; ``None`` for other variables."""
+    if _is_file_variable(key):
+        return key[: -len(FILE_SUFFIX)]
+    return key + FILE_SUFFIX if _is_file_variable(key + FILE_SUFFIX) else None
+
+
 def _is_file_variable(key: str) -> bool:
     if not key.endswith(FILE_SUFFIX) or key in DEFAULTS:
         return False
@@ -194,7 +206,7 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
     """Cast and validate every setting, gathering all problems into one ``ConfigError``."""
     reader = _Reader(env)
     tenants_file = reader.text("TENANTS_FILE")
-    rps = reader.number("RATE_LIMIT_RPS", float, optional=True)
+    rps = reader.number("RATE_LIMIT_RPS", float, low=0.001, optional=True)
     settings = Settings(
         host=reader.host("HOST"),
         port=reader.number("PORT", int, low=0, high=65535),
@@ -254,7 +266,9 @@ class _Reader:
         except ValueError:
             self.fail(name, f"not {kind}; set it to {kind} such as {DEFAULTS[name] or 10}")
             return cast(DEFAULTS[name] or "1")
-        if (low is not None and value < low) or (high is not None and value > high):
+        if not math.isfinite(value):
+            self.fail(name, f"not a finite number; set it to {kind} such as {DEFAULTS[name] or 10}")
+        elif (low is not None and value < low) or (high is not None and value > high):
             bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
             self.fail(name, f"out of range; use a value {bounds}")
         return value
@@ -282,7 +296,7 @@ class _Reader:
     def origins(self, name: str) -> tuple[str, ...]:
         items = tuple(o.strip().rstrip("/") for o in self.text(name).split(",") if o.strip())
         for origin in items:
-            if origin != "*" and not is_http_url(origin):
+            if origin != "*" and not (is_http_url(origin) and not urlsplit(origin).path):
                 self.fail(name, f"{origin!r} is not an origin; use e.g. https://app.example.com")
         return items
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ ENTRY_FIELDS: Final = frozenset(
     | {"rateLimitRps", "rateLimitBurst", "maxInflight", "appendBatchSize"}
 )
 OPENAPI_FIELDS: Final = frozenset(GLOBAL_FALLBACKS)
+KEY_FIELDS: Final = frozenset({"apiKey", "apiKeyHash", "notAfter"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +119,8 @@ class Registry:
 
 def hash_key(key: str) -> bytes:
     """SHA-256 digest of a client key."""
-    return hashlib.sha256(key.encode()).digest()
+    # A header may carry undecodable bytes (surrogate escapes): hash them, never raise.
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
 
 
 def load_registry(env: Mapping[str, str], settings: Settings) -> Registry:
@@ -144,7 +147,8 @@ class _Entry:
 
 
 def _entries_from_env(env: Mapping[str, str], problems: list[str]) -> Iterable[_Entry]:
-    groups: dict[int, dict[str, str]] = {}
+    # Keyed by the digits as written: EXTERNAL_API_KEY_03 and _3 are two variables.
+    groups: dict[str, dict[str, str]] = {}
     for name, value in env.items():
         found = ENV_KEY.fullmatch(name)
         if found is None:
@@ -154,12 +158,12 @@ def _entries_from_env(env: Mapping[str, str], problems: list[str]) -> Iterable[_
             known = ", ".join(f"EXTERNAL_API_KEY_N{s}" for s in ENV_FIELDS)
             problems.append(f"{name}: unknown tenant variable; known ones are {known}")
             continue
-        groups.setdefault(int(found.group(1)), {})[suffix] = value
-    for number in sorted(groups):
+        groups.setdefault(found.group(1), {})[suffix] = value
+    for number in sorted(groups, key=lambda digits: (int(digits), digits)):
         yield from _env_entry(number, groups[number], problems)
 
 
-def _env_entry(number: int, group: dict[str, str], problems: list[str]) -> Iterable[_Entry]:
+def _env_entry(number: str, group: dict[str, str], problems: list[str]) -> Iterable[_Entry]:
     prefix = f"EXTERNAL_API_KEY_{number}"
     if not group.get("", "").strip():
         problems.append(
@@ -264,7 +268,7 @@ def _parse_keys(entry: _Entry, problems: list[str]) -> tuple[ApiKey, ...]:
     listed = entry.fields.get("apiKeys", [])
     if not isinstance(listed, list):
         problems.append(f"{entry.source}: apiKeys must be a list of keys")
-        listed = []
+        return ()
     raw += listed
     if not raw:
         problems.append(f"{entry.source}: no API key; add apiKey, apiKeyHash or apiKeys")
@@ -283,6 +287,10 @@ def _parse_key(item: Any) -> ApiKey:
         item = {"apiKeyHash" if item.startswith(HASH_PREFIX) else "apiKey": item}
     if not isinstance(item, dict):
         raise ValueError("an API key must be a string or an object with apiKey/apiKeyHash")
+    unknown = sorted(set(item) - KEY_FIELDS)
+    if unknown:
+        # A misspelt notAfter would otherwise leave a key valid forever.
+        raise ValueError(f"unknown field(s) {', '.join(unknown)} in apiKeys; check the spelling")
     not_after = _parse_time(item.get("notAfter"))
     if isinstance(item.get("apiKey"), str) and item["apiKey"].strip():
         plain = item["apiKey"].strip()
@@ -322,11 +330,19 @@ def _parse_limits(entry: _Entry, problems: list[str]) -> Limits:
         raw = entry.fields.get(name)
         if raw is None:
             continue
-        if isinstance(raw, bool) or not isinstance(raw, int | float) or raw <= 0:
-            problems.append(f"{entry.source}: {name}={raw!r} must be a positive number")
+        if not _is_positive(raw, whole=cast is int):
+            kind = "whole number" if cast is int else "number"
+            problems.append(f"{entry.source}: {name}={raw!r} must be a positive {kind}")
             continue
         values[attr] = cast(raw)
     return Limits(**values)
+
+
+def _is_positive(raw: Any, *, whole: bool) -> bool:
+    """A finite JSON number above zero (an integer when ``whole``); JSON booleans are not."""
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        return False
+    return 0 < raw < math.inf and (isinstance(raw, int) or not whole)
 
 
 def _check_duplicates(tenants: Sequence[Tenant], problems: list[str]) -> None:

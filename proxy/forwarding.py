@@ -62,7 +62,10 @@ CLIENT_CREDENTIALS: Final = frozenset(
 FORWARDED: Final = frozenset({"forwarded", "x-real-ip"})
 FORWARDED_PREFIX: Final = "x-forwarded-"
 # Set by the gateway itself (Host: the upstream's; lengths: recomputed for signed bodies).
-GATEWAY_SET: Final = frozenset({"host", "content-length", "expect", "x-request-id"})
+# Content-Encoding: aiohttp's server already decoded the body, so the forwarded bytes are plain.
+GATEWAY_SET: Final = frozenset(
+    {"host", "content-length", "content-encoding", "expect", "x-request-id"}
+)
 REQUEST_DROP: Final = HOP_BY_HOP | CLIENT_CREDENTIALS | FORWARDED | GATEWAY_SET
 RESPONSE_DROP: Final = HOP_BY_HOP | frozenset({"set-cookie", "x-request-id"})
 ACTION_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
@@ -122,7 +125,7 @@ def filter_request_headers(headers: CIMultiDictProxy[str], *, streamed: bool) ->
         for name, value in headers.items()
         if name.lower() not in dropped and not name.lower().startswith(FORWARDED_PREFIX)
     )
-    if streamed and "Content-Length" in headers:
+    if streamed and "Content-Length" in headers and "Content-Encoding" not in headers:
         kept["Content-Length"] = headers["Content-Length"]
     return kept
 
@@ -193,7 +196,9 @@ async def handle_forward(request: web.Request) -> web.StreamResponse:
     streamed = is_multipart(request)
     headers = filter_request_headers(request.headers, streamed=streamed)
     headers["X-Request-Id"] = request[REQUEST_ID]
-    upstream = UpstreamRequest(request.method, url, headers, action, credentials)
+    upstream = UpstreamRequest(
+        request.method, url, headers, action, credentials, tenant=tenant.alias
+    )
     if streamed:
         upstream = replace(upstream, stream=stream_body(request, settings.max_upload_bytes))
     elif request.body_exists:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -15,7 +16,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.config import Settings
-from proxy.errors import UpstreamTimeout, UpstreamUnavailable
+from proxy.errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from proxy.signing import sign_headers
 from proxy.tenants import Credentials
 
@@ -46,6 +47,7 @@ class UpstreamRequest:
     credentials: Credentials
     body: bytes | None = None
     stream: StreamFactory | None = None
+    tenant: str = ""
 
 
 def create_session(settings: Settings) -> aiohttp.ClientSession:
@@ -76,19 +78,24 @@ class UpstreamClient:
         *,
         timeout: float,
         clock: Callable[[], int] = now_ms,
+        observe: Callable[[str, float], None] | None = None,
     ):
         self.session = session
         self.timeout = timeout
         self.clock = clock
+        self.observe = observe
 
     @asynccontextmanager
     async def open(self, request: UpstreamRequest) -> AsyncIterator[aiohttp.ClientResponse]:
         """Send ``request`` and yield the response once its headers arrived."""
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout):
                 response = await self._send_with_retries(request)
         except TimeoutError as exc:
             raise UpstreamTimeout(f"Upstream did not answer within {self.timeout:g}s") from exc
+        if self.observe is not None:
+            self.observe(request.tenant, time.perf_counter() - started)
         try:
             yield response
         finally:
@@ -108,9 +115,10 @@ class UpstreamClient:
                     extra={"host": request.url.host, "attempt": attempt, "reason": str(exc)},
                 )
             except aiohttp.ClientError as exc:
-                raise UpstreamUnavailable(
-                    f"Upstream connection failed ({exc.__class__.__name__})"
-                ) from exc
+                if isinstance(exc.__cause__, GatewayError):
+                    # The client's body stream refused the upload (413); aiohttp wrapped it.
+                    raise exc.__cause__ from None
+                raise _upstream_error(exc) from exc
         raise AssertionError("unreachable")
 
     async def _send_once(self, request: UpstreamRequest) -> aiohttp.ClientResponse:
@@ -120,7 +128,8 @@ class UpstreamClient:
         )
         headers = CIMultiDict(request.headers)
         headers.update(signed)
-        data = request.stream() if request.stream is not None else (request.body or None)
+        # BytesIO, not bytes: aiohttp warns that a large raw-bytes body may block the loop.
+        data = request.stream() if request.stream is not None else _bytes_io(request.body)
         skip = [name for name in AUTO_HEADERS if name not in request.headers]
         return await self.session.request(
             request.method,
@@ -130,6 +139,17 @@ class UpstreamClient:
             skip_auto_headers=skip,
             allow_redirects=False,
         )
+
+
+def _upstream_error(exc: aiohttp.ClientError) -> UpstreamError:
+    """A read timeout is a timeout; any other failure after connecting: nxlink unavailable."""
+    if isinstance(exc, aiohttp.ServerTimeoutError):
+        return UpstreamTimeout(f"Upstream read timed out ({exc.__class__.__name__})")
+    return UpstreamUnavailable(f"Upstream connection failed ({exc.__class__.__name__})")
+
+
+def _bytes_io(body: bytes | None) -> io.BytesIO | None:
+    return io.BytesIO(body) if body else None
 
 
 def json_headers(extra: Mapping[str, str] | None = None) -> CIMultiDict[str]:

@@ -13,7 +13,7 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
 
 from proxy.app import create_app
-from proxy.config import Secret, Settings, parse_settings
+from proxy.config import Secret, Settings, mask_key, parse_settings
 from proxy.sandbox import create_sandbox_app
 from proxy.tenants import ApiKey, Credentials, Limits, Registry, Tenant, hash_key
 
@@ -45,6 +45,11 @@ class Upstream:
     @property
     def base_url(self) -> str:
         return str(self.server.make_url("")).rstrip("/")
+
+
+Client = TestClient[web.Request, web.Application]
+MakeGateway = Callable[..., Awaitable[Client]]
+MakeUpstream = Callable[..., Awaitable[Upstream]]
 
 
 def recorder(received: list[ReceivedRequest]) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -87,7 +92,7 @@ def make_tenant(
         base_url=base_url,
         biz_type=creds.biz_type if creds else "8",
         credentials=creds,
-        keys=(ApiKey(hash_key(key), key[:8] + "***"),),
+        keys=(ApiKey(hash_key(key), mask_key(key)),),
         source=f"test tenant {alias}",
         limits=limits or Limits(),
     )
@@ -126,9 +131,7 @@ async def make_gateway(
 ) -> Callable[..., Awaitable[TestClient[web.Request, web.Application]]]:
     """Start the gateway for some tenants and settings variables."""
 
-    async def start(
-        tenants: list[Tenant], **env: Any
-    ) -> TestClient[web.Request, web.Application]:
+    async def start(tenants: list[Tenant], **env: Any) -> TestClient[web.Request, web.Application]:
         app = create_app(make_settings(**{k: str(v) for k, v in env.items()}), Registry(tenants))
         return await aiohttp_client(app)
 

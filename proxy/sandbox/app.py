@@ -81,6 +81,13 @@ def _task_id(body: JSON) -> str:
     return task_id
 
 
+def _strings(body: JSON, name: str) -> set[str]:
+    values = body.get(name) or []
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise Failure(f"{name} must be an array of strings")
+    return set(values)
+
+
 def list_tasks(state: AccountState, body: JSON) -> JSON:
     """pageCallTaskInfo: the account's tasks, paged."""
     tasks = [
@@ -93,6 +100,8 @@ def list_tasks(state: AccountState, body: JSON) -> JSON:
 def list_calls(state: AccountState, body: JSON) -> JSON:
     """pageCallRecords: appended numbers, of one task or all, paged."""
     task_id = body.get("taskId")
+    if task_id is not None and not isinstance(task_id, str):
+        raise Failure("taskId must be a string")
     tasks = (
         [state.tasks[task_id]]
         if task_id in state.tasks
@@ -131,8 +140,8 @@ def append_calls(state: AccountState, body: JSON) -> JSON:
 def delete_calls(state: AccountState, body: JSON) -> JSON:
     """callDelete: remove numbers from a task by contactIds or phoneNumbers."""
     task = state.task(_task_id(body))
-    ids = set(body.get("contactIds") or [])
-    phones = set(body.get("phoneNumbers") or [])
+    ids = _strings(body, "contactIds")
+    phones = _strings(body, "phoneNumbers")
     doomed = [cid for cid, r in task.records.items() if cid in ids or r["phoneNumber"] in phones]
     for cid in doomed:
         del task.records[cid]
@@ -142,7 +151,7 @@ def delete_calls(state: AccountState, body: JSON) -> JSON:
 def delete_orders(state: AccountState, body: JSON) -> JSON:
     """operateCallRecords: mark call records of a task as deleted."""
     task = state.task(_task_id(body))
-    ids = set(body.get("contactIds") or task.records)
+    ids = _strings(body, "contactIds") or set(task.records)
     for cid in ids & task.records.keys():
         task.records[cid]["callStatus"] = "deleted"
     return {"taskId": task.task_id, "operatedCount": len(ids & task.records.keys())}
@@ -205,4 +214,10 @@ def create_sandbox_app(
     app = web.Application(client_max_size=16 * 1024 * 1024)
     for path, action in KNOWN_ACTIONS.items():
         app.router.add_post(path, operation(action), name=action)
+    app.router.add_get("/healthz", handle_healthz, name="healthz")
     return app
+
+
+async def handle_healthz(request: web.Request) -> web.Response:
+    """Liveness of the sandbox, for compose files and scripts that wait for it."""
+    return web.json_response({"code": 0, "message": "sandbox is running"})

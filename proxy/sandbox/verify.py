@@ -60,7 +60,8 @@ def verify_request(
         raise Rejection(NxlinkCode.MISSING_PARAMETERS, f"missing header(s): {', '.join(missing)}")
     algorithm = headers.get("algorithm", "md5").strip().lower() or "md5"
     ts_text = headers["ts"].strip()
-    if algorithm not in ALGORITHMS or not ts_text.isdigit():
+    # isascii: int() would also take other scripts' digits, which nxlink does not.
+    if algorithm not in ALGORITHMS or not (ts_text.isascii() and ts_text.isdigit()):
         raise Rejection(
             NxlinkCode.PARAMETER_ERROR,
             "ts must be epoch milliseconds; algorithm must be md5 or sha256",

@@ -11,8 +11,10 @@ from typing import Final
 import aiohttp_cors
 from aiohttp import web
 
+from proxy.append import handle_append
 from proxy.appkeys import (
     ACTIONS,
+    IDEMPOTENCY,
     LIMITER,
     METRICS,
     RELOADER,
@@ -30,6 +32,7 @@ from proxy.handlers import (
     handle_readyz,
     handle_status,
 )
+from proxy.idempotency import MemoryIdempotencyStore
 from proxy.limits import Limiter
 from proxy.metrics import Metrics
 from proxy.middleware import (
@@ -46,7 +49,7 @@ from proxy.upstream import UpstreamClient, create_session, now_ms
 # Routes answered without an API key.
 PUBLIC_ROUTES: Final = frozenset({"keys", "healthz", "readyz", "metrics"})
 # Methods forwarded under /openapi/ (OPTIONS stays free for CORS preflights).
-FORWARD_METHODS: Final = ("GET", "POST", "PUT", "PATCH", "DELETE")
+FORWARD_METHODS: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
 def create_app(
@@ -72,6 +75,7 @@ def create_app(
     app[ACTIONS] = action_table(settings.extra_actions)
     app[METRICS] = Metrics()
     app[LIMITER] = Limiter(settings)
+    app[IDEMPOTENCY] = MemoryIdempotencyStore(ttl=settings.idempotency_ttl)
     app.cleanup_ctx.append(_upstream_lifetime(clock))
     if reload is not None:
         watched = [p for p in (settings.tenants_file, Path(settings.env_file)) if p is not None]
@@ -86,6 +90,7 @@ def create_app(
 def _add_routes(app: web.Application) -> None:
     app.router.add_get("/api/openapi/status", handle_status, name="status")
     app.router.add_get("/api/openapi/keys", handle_keys, name="keys")
+    app.router.add_post("/api/openapi/append-numbers", handle_append, name="append")
     app.router.add_get("/healthz", handle_healthz, name="healthz")
     app.router.add_get("/readyz", handle_readyz, name="readyz")
     app.router.add_get("/metrics", handle_metrics, name="metrics")
@@ -109,7 +114,13 @@ def _upstream_lifetime(
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
         session = create_session(settings)
-        app[UPSTREAM] = UpstreamClient(session, timeout=settings.upstream_timeout, clock=clock)
+        latency = app[METRICS].upstream_latency
+        app[UPSTREAM] = UpstreamClient(
+            session,
+            timeout=settings.upstream_timeout,
+            clock=clock,
+            observe=lambda tenant, seconds: latency.labels(tenant).observe(seconds),
+        )
         app[STATE].ready = True
         yield
         app[STATE].ready = False

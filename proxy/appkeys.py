@@ -10,6 +10,7 @@ from aiohttp import web
 
 from proxy.config import Settings
 from proxy.errors import ConfigIncomplete
+from proxy.idempotency import IdempotencyStore
 from proxy.limits import Limiter
 from proxy.metrics import Metrics
 from proxy.reload import Reloader
@@ -33,6 +34,7 @@ UPSTREAM: Final = web.AppKey("upstream", UpstreamClient)
 METRICS: Final = web.AppKey("metrics", Metrics)
 LIMITER: Final = web.AppKey("limiter", Limiter)
 RELOADER: Final = web.AppKey("reloader", Reloader)
+IDEMPOTENCY: Final = web.AppKey[IdempotencyStore]("idempotency")
 
 REQUEST_ID: Final = web.RequestKey("request_id", str)
 TENANT: Final = web.RequestKey("tenant", Tenant)

@@ -1,0 +1,411 @@
+"""append-numbers: validation, batching, bounded concurrency, ordered results, idempotency."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, NotRequired, TypedDict, TypeVar
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from proxy import errors
+from proxy.appkeys import (
+    API_KEY,
+    IDEMPOTENCY,
+    REQUEST_ID,
+    SETTINGS,
+    current_credentials,
+    current_tenant,
+    metrics,
+    upstream_client,
+)
+from proxy.config import mask_key
+from proxy.forwarding import build_upstream_url, read_body
+from proxy.idempotency import body_digest
+from proxy.nxlink import APPEND_ACTION, APPEND_PATH, SUCCESS_CODES
+from proxy.tenants import Credentials
+from proxy.upstream import UpstreamClient, UpstreamRequest, json_headers
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+JSON = dict[str, Any]
+PHONE: Final = re.compile(r"\+?[0-9]{3,32}")
+PHONE_NOISE: Final = re.compile(r"[\s-]+")
+IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
+REPLAYED_HEADER: Final = "Idempotent-Replayed"
+MAX_IDEMPOTENCY_KEY: Final = 255
+PARAMS_SHAPE: Final = "must be an array of {name, value} (string name, string or number value)"
+
+
+class Param(TypedDict):
+    """One template variable of a number, e.g. ``{"name": "订单号", "value": "A1"}``."""
+
+    name: str
+    value: str | int | float
+
+
+class ContactItem(TypedDict):
+    """One entry of nxlink's call/append ``list``."""
+
+    contactId: str
+    phoneNumber: str
+    name: NotRequired[str]
+    params: NotRequired[list[Param]]
+
+
+class Result(TypedDict):
+    """One input entry's outcome, as the client sees it."""
+
+    phoneNumber: object
+    success: bool
+    contactId: NotRequired[str]
+    error: NotRequired[str]
+    response: NotRequired[object]
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One input entry: the item for nxlink, or why there is none."""
+
+    shown: object
+    item: ContactItem | None = None
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AppendCall:
+    """A validated append-numbers request."""
+
+    task_id: str
+    entries: tuple[Entry, ...]
+    auto_flow_id: int | None = None
+    country_code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Numbers sent in one call/append, with their positions in the input."""
+
+    positions: tuple[int, ...]
+    items: tuple[ContactItem, ...]
+
+
+def decode_json(raw: bytes) -> object:
+    """The request document; anything but strict JSON is a 400 ``INVALID_JSON``."""
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        message = f"Request body is not valid JSON: {exc}"
+        raise errors.RequestError(message, error="INVALID_JSON") from exc
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def parse_call(doc: object, max_numbers: int) -> AppendCall:
+    """Check the request; a bad entry stays with its entry, anything else is a 4xx."""
+    if not isinstance(doc, dict):
+        raise errors.RequestError("Request body must be a JSON object", error="INVALID_JSON")
+    task_id = doc.get("taskId")
+    if task_id is None or (isinstance(task_id, str) and not task_id.strip()):
+        raise errors.RequestError("taskId is required", error="MISSING_TASK_ID")
+    numbers = doc.get("phoneNumbers")
+    if not isinstance(numbers, list) or not numbers:
+        message = "phoneNumbers must be a non-empty array"
+        raise errors.RequestError(message, error="INVALID_PHONE_NUMBERS")
+    if len(numbers) > max_numbers:
+        message = f"phoneNumbers has {len(numbers)} entries; at most {max_numbers} per request"
+        raise errors.PayloadTooLarge(message, error="TOO_MANY_NUMBERS")
+    try:
+        task_id, shared = _text(task_id, "taskId"), _optional(doc, "params", parse_params)
+        flow, country = _optional(doc, "autoFlowId", _integer), _optional(doc, "countryCode", _text)
+    except ValueError as exc:
+        raise errors.RequestError(str(exc), error="INVALID_FIELD") from exc
+    return AppendCall(task_id, prepare_entries(numbers, shared or []), flow, country)
+
+
+def _optional(doc: dict[str, Any], name: str, parse: Callable[[object, str], T]) -> T | None:
+    """``doc[name]`` parsed, or None when absent or null."""
+    value = doc.get(name)
+    return None if value is None else parse(value, name)
+
+
+def _integer(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer")
+    return value
+
+
+def _text(value: object, name: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string")
+    return value
+
+
+def parse_params(value: object, name: str = "params") -> list[Param]:
+    """``[{"name", "value"}]`` rebuilt from what the client sent."""
+    if not isinstance(value, list) or not all(_is_param(p) for p in value):
+        raise ValueError(f"{name} {PARAMS_SHAPE}")
+    return [{"name": p["name"], "value": p["value"]} for p in value]
+
+
+def _is_param(value: object) -> bool:
+    if not isinstance(value, dict):
+        return False
+    name, given = value.get("name"), value.get("value")
+    number = isinstance(given, int | float) and not isinstance(given, bool) and math.isfinite(given)
+    scalar = isinstance(given, str) or number
+    return isinstance(name, str) and bool(name.strip()) and scalar
+
+
+def clean_phone(value: object) -> str:
+    """The number without spaces and dashes; ``ValueError`` says why it is unusable."""
+    if value is None:
+        raise ValueError("phoneNumber is missing")
+    phone = PHONE_NOISE.sub("", _text(value, "phoneNumber"))
+    if not phone:
+        raise ValueError("phoneNumber is empty")
+    if not PHONE.fullmatch(phone):
+        raise ValueError(f"phoneNumber {value!r} is not 3-32 digits with an optional leading +")
+    return phone
+
+
+def prepare_entries(numbers: Sequence[object], shared: list[Param]) -> tuple[Entry, ...]:
+    """Every input entry made ready for nxlink, each with its own unique contactId."""
+    seen: set[str] = set()
+    return tuple(_prepare(raw, shared, seen) for raw in numbers)
+
+
+def _prepare(raw: object, shared: list[Param], seen: set[str]) -> Entry:
+    shown = raw.get("phoneNumber") if isinstance(raw, dict) else raw
+    try:
+        item = _contact(raw, shared)
+    except ValueError as exc:
+        return Entry(shown, error=str(exc))
+    if item["contactId"] in seen:
+        return Entry(shown, error=f"contactId {item['contactId']!r} is repeated in this request")
+    seen.add(item["contactId"])
+    return Entry(item["phoneNumber"], item)
+
+
+def _contact(raw: object, shared: list[Param]) -> ContactItem:
+    """The nxlink list item; global params go to plain-string entries only."""
+    if isinstance(raw, str):
+        return _item(clean_phone(raw), None, None, shared)
+    if not isinstance(raw, dict):
+        raise ValueError("an entry must be a phone number string or a {phoneNumber, params} object")
+    phone, params = clean_phone(raw.get("phoneNumber")), _optional(raw, "params", parse_params)
+    return _item(phone, _optional(raw, "contactId", _text), _optional(raw, "name", _text), params)
+
+
+def _item(
+    phone: str, contact_id: str | None, name: str | None, params: list[Param] | None
+) -> ContactItem:
+    item: ContactItem = {"contactId": contact_id or secrets.token_hex(16), "phoneNumber": phone}
+    if name is not None:
+        item["name"] = name
+    if params:
+        item["params"] = params
+    return item
+
+
+def make_batches(entries: Sequence[Entry], size: int) -> list[Batch]:
+    """The usable entries in input order, ``size`` to a batch."""
+    ready = [(n, e.item) for n, e in enumerate(entries) if e.item is not None]
+    chunks = (ready[start : start + size] for start in range(0, len(ready), size))
+    return [Batch(tuple(n for n, _ in c), tuple(i for _, i in c)) for c in chunks]
+
+
+def batch_body(call: AppendCall, items: Sequence[ContactItem]) -> bytes:
+    """The call/append body for one batch; absent optional fields are left out, never null."""
+    optional = {"autoFlowId": call.auto_flow_id, "countryCode": call.country_code}
+    body: JSON = {"taskId": call.task_id, **{k: v for k, v in optional.items() if v is not None}}
+    body["list"] = list(items)
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Sender:
+    """Sends the batches of one request to the tenant's nxlink account."""
+
+    client: UpstreamClient
+    url: URL
+    credentials: Credentials
+    request_id: str
+    call: AppendCall
+    tenant: str
+
+    async def send(self, batch: Batch) -> list[Result]:
+        """All of the batch's numbers succeed, or all fail with the reason."""
+        status, answer, reason = 0, None, None
+        try:
+            status, answer = await self._exchange(batch_body(self.call, batch.items))
+            reason = _refusal(status, answer)
+        except errors.GatewayError as exc:
+            reason = exc.message
+        if reason is not None:
+            logger.warning("append batch of %d failed: %s", len(batch.items), reason)
+        summary = _summary(answer)
+        return [_result(item, reason, summary) for item in batch.items]
+
+    async def _exchange(self, body: bytes) -> tuple[int, object]:
+        headers = json_headers({"X-Request-Id": self.request_id})
+        request = UpstreamRequest(
+            "POST", self.url, headers, APPEND_ACTION, self.credentials, body, tenant=self.tenant
+        )
+        async with self.client.open(request) as response:
+            raw = await _read(response, self.client.timeout)
+        try:
+            return response.status, json.loads(raw)
+        except (ValueError, RecursionError):
+            return response.status, None
+
+
+async def _read(response: aiohttp.ClientResponse, timeout: float) -> bytes:
+    try:
+        async with asyncio.timeout(timeout):
+            return await response.read()
+    except TimeoutError as exc:
+        message = f"Upstream answer did not finish within {timeout:g}s"
+        raise errors.UpstreamTimeout(message) from exc
+    except aiohttp.ClientError as exc:
+        message = f"Upstream answer was cut ({exc.__class__.__name__})"
+        raise errors.UpstreamUnavailable(message) from exc
+
+
+def _refusal(status: int, answer: object) -> str | None:
+    """None when nxlink accepted the batch, else its message (or what was wrong)."""
+    doc = answer if isinstance(answer, dict) else {}
+    code, message = doc.get("code"), doc.get("message")
+    if status < 300 and type(code) is int and code in SUCCESS_CODES:
+        return None
+    if isinstance(message, str) and message:
+        return message
+    return f"nxlink answered HTTP {status} without a success code"
+
+
+def _summary(answer: object) -> object:
+    """nxlink's answer without ``data``: it covers the whole batch, so copying it into every
+    number's result would multiply the answer's size by the batch size."""
+    if isinstance(answer, dict):
+        return {key: value for key, value in answer.items() if key != "data"}
+    return answer
+
+
+def _result(item: ContactItem, reason: str | None, answer: object) -> Result:
+    result: Result = {"phoneNumber": item["phoneNumber"], "success": reason is None}
+    result["contactId"] = item["contactId"]
+    if reason is not None:
+        result["error"] = reason
+    if answer is not None:
+        result["response"] = answer
+    return result
+
+
+async def run_batches(
+    send: Callable[[Batch], Awaitable[list[Result]]], batches: Sequence[Batch], concurrency: int
+) -> list[list[Result]]:
+    """Each batch's results, in batch order, with at most ``concurrency`` in flight."""
+    outcomes: list[list[Result]] = [[] for _ in batches]
+    pending = iter(enumerate(batches))
+
+    async def worker() -> None:
+        for index, batch in pending:
+            outcomes[index] = await send(batch)
+
+    async with asyncio.TaskGroup() as group:
+        for _ in range(min(concurrency, len(batches))):
+            group.create_task(worker())
+    return outcomes
+
+
+def collect(
+    entries: Sequence[Entry], batches: Sequence[Batch], outcomes: Sequence[list[Result]]
+) -> list[Result]:
+    """One result per input entry, in input order."""
+    results: dict[int, Result] = {
+        n: {"phoneNumber": e.shown, "success": False, "error": e.error}
+        for n, e in enumerate(entries)
+        if e.item is None
+    }
+    for batch, outcome in zip(batches, outcomes, strict=True):
+        results.update(zip(batch.positions, outcome, strict=True))
+    return [results[n] for n in range(len(entries))]
+
+
+def answer_body(task_id: str, results: Sequence[Result], api_key: str) -> bytes:
+    """The 200 answer of a processed request, encoded once (it may be stored for replays)."""
+    total, success = len(results), sum(1 for r in results if r["success"])
+    counts = {"totalCount": total, "successCount": success, "failCount": total - success}
+    message = (
+        f"Successfully processed {total} numbers. Success: {success}, Failed: {total - success}"
+    )
+    data = {"taskId": task_id, **counts, "results": results}
+    body = {"code": 200, "message": message, "data": data, "apiKey": mask_key(api_key)}
+    return json.dumps(body, ensure_ascii=False).encode()
+
+
+async def append_numbers(request: web.Request, raw: bytes) -> bytes:
+    """Validate, send in bounded concurrent batches, and build the answer."""
+    settings, tenant = request.app[SETTINGS], current_tenant(request)
+    credentials = current_credentials(request)
+    call = parse_call(decode_json(raw), settings.append_max_numbers)
+    size = tenant.limits.append_batch_size or settings.append_batch_size
+    batches = make_batches(call.entries, size)
+    url = build_upstream_url(tenant.base_url, APPEND_PATH, "")
+    client = upstream_client(request)
+    sender = Sender(client, url, credentials, request[REQUEST_ID], call, tenant.alias)
+    outcomes = await run_batches(sender.send, batches, settings.append_concurrency)
+    results = collect(call.entries, batches, outcomes)
+    failed = sum(1 for r in results if not r["success"])
+    counter = metrics(request).append_numbers
+    counter.labels(tenant.alias, "success").inc(len(results) - failed)
+    counter.labels(tenant.alias, "failure").inc(failed)
+    logger.info("append-numbers for %s: %d batches, %d failed", tenant.alias, len(batches), failed)
+    return answer_body(call.task_id, results, request[API_KEY])
+
+
+async def handle_append(request: web.Request) -> web.Response:
+    """``POST /api/openapi/append-numbers``; a repeated Idempotency-Key replays the answer."""
+    raw = await read_body(request, request.app[SETTINGS].max_body_bytes)
+    key = idempotency_key(request)
+    if key is None:
+        return _json_answer(await append_numbers(request, raw))
+    store = request.app[IDEMPOTENCY]
+    stored = await store.claim(key, await body_digest(raw))
+    if stored is not None:
+        return _json_answer(stored, replayed=True)
+    try:
+        answer = await append_numbers(request, raw)
+    except BaseException:
+        await store.release(key)
+        raise
+    await store.complete(key, answer)
+    return _json_answer(answer)
+
+
+def _json_answer(body: bytes, *, replayed: bool = False) -> web.Response:
+    headers = {REPLAYED_HEADER: "true"} if replayed else None
+    return web.Response(
+        body=body, content_type="application/json", charset="utf-8", headers=headers
+    )
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    """The tenant-scoped store key for the client's ``Idempotency-Key``, if it sent one."""
+    given = request.headers.get(IDEMPOTENCY_HEADER, "").strip()
+    if len(given) > MAX_IDEMPOTENCY_KEY:
+        message = f"Idempotency-Key must be at most {MAX_IDEMPOTENCY_KEY} characters"
+        raise errors.RequestError(message, error="INVALID_IDEMPOTENCY_KEY")
+    tenant = current_tenant(request)
+    return f"{tenant.source}\n{tenant.alias}\n{given}" if given else None

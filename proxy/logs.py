@@ -75,7 +75,7 @@ class AccessLogger(AbstractAccessLogger):
                 "status": response.status,
                 "upstream_status": request.get(UPSTREAM_STATUS),
                 "duration_ms": round(time * 1000, 2),
-                "bytes_in": request.content_length or 0,
+                "bytes_in": request.content.total_bytes,  # chunked uploads have no length
                 "bytes_out": response.body_length,
                 "remote": request.remote,
             },

@@ -51,6 +51,8 @@ class Reloader:
         self.interval = interval
         self._wanted = asyncio.Event()
         self._lock = asyncio.Lock()
+        # Taken now, next to the initial load: a change before watch() starts is not missed.
+        self._stamps = [file_stamp(p) for p in self.watched]
 
     def request(self) -> None:
         """Ask for a reload now (the SIGHUP handler calls this)."""
@@ -61,12 +63,14 @@ class Reloader:
         async with self._lock:
             try:
                 registry = await asyncio.to_thread(self.load)
-            except ConfigError as exc:
+            except Exception as exc:  # whatever went wrong, the watcher and the gateway go on
+                problems = exc.problems if isinstance(exc, ConfigError) else [repr(exc)]
                 self.metrics.reloads.labels("failure").inc()
                 logger.error(
                     "configuration reload refused (%s); keeping the running one",
                     reason,
-                    extra={"problems": exc.problems},
+                    extra={"problems": problems},
+                    exc_info=not isinstance(exc, ConfigError),  # a surprise gets its traceback
                 )
                 return False
             self.state.registry = registry
@@ -78,7 +82,6 @@ class Reloader:
 
     async def watch(self) -> None:
         """Poll the watched files' stamps; reload on a change or on request."""
-        stamps = [file_stamp(p) for p in self.watched]
         while True:
             try:
                 await asyncio.wait_for(self._wanted.wait(), self.interval)
@@ -87,6 +90,6 @@ class Reloader:
                 reason = "file change"
             self._wanted.clear()
             current = [file_stamp(p) for p in self.watched]
-            if reason == "signal" or current != stamps:
-                stamps = current
+            if reason == "signal" or current != self._stamps:
+                self._stamps = current
                 await self.reload(reason)

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from proxy.app import create_app
 from proxy.appkeys import RELOADER, STATE
-from proxy.config import Settings, parse_settings, read_environment
+from proxy.config import ConfigError, Settings, parse_settings, read_environment
 from proxy.logs import AccessLogger, setup_logging
 from proxy.reload import Loader
 from proxy.sandbox import create_sandbox_app
@@ -45,7 +45,10 @@ def config_loader(source: ConfigSource) -> Loader:
 
     def load() -> Registry:
         env = read_environment(*source)
-        return load_registry(env, parse_settings(env))
+        registry = load_registry(env, parse_settings(env))
+        if len(registry) == 0:
+            raise ConfigError(["the new configuration has no tenant; refusing to drop them all"])
+        return registry
 
     return load
 
@@ -81,7 +84,14 @@ def _supervise(settings: Settings, registry: Registry, load: Loader | None) -> i
         signal.signal(sig, relay)
     for worker in workers:
         worker.join()
-    return max((w.exitcode or 0) for w in workers)
+    return max(_exit_status(w.exitcode) for w in workers)
+
+
+def _exit_status(code: int | None) -> int:
+    """A worker's exit code; killed by a signal other than a stop request counts as failure."""
+    if code is None or code >= 0:
+        return code or 0
+    return 0 if -code in (signal.SIGTERM, signal.SIGINT) else 128 - code
 
 
 def _worker(settings: Settings, registry: Registry, load: Loader | None) -> None:

@@ -1,0 +1,154 @@
+"""Process lifetime: SIGTERM drains in-flight requests, readiness while draining, workers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from proxy.appkeys import STATE
+from tests.conftest import CREDS_A, KEY_A, MakeGateway, MakeUpstream, Upstream, make_tenant
+from tests.processes import (
+    HELD_ACTION,
+    HELD_PATH,
+    Gate,
+    eventually,
+    gateway_process,
+    tenant_entry,
+)
+
+
+async def _refused(url: str) -> bool:
+    """True when a fresh connection to ``url`` gets no answer."""
+    async with aiohttp.ClientSession() as fresh:
+        try:
+            async with fresh.get(url + "/healthz") as response:
+                await response.read()
+                return False
+        except aiohttp.ClientConnectionError:
+            return True
+
+
+def worker_pids(pid: int) -> list[int]:
+    """Child processes of ``pid`` (Linux ``/proc``)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in children.read_text().split()]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_sigterm_lets_an_in_flight_request_finish_then_exits_zero(
+    tmp_path: Path, make_upstream: MakeUpstream
+) -> None:
+    gate = Gate()
+    upstream = await make_upstream(extra={HELD_PATH: gate.handler})
+    tenants = [tenant_entry("tenant-a", KEY_A, upstream.base_url, CREDS_A)]
+    async with (
+        gateway_process(tmp_path, tenants, SHUTDOWN_GRACE="10") as gateway,
+        aiohttp.ClientSession() as client,
+    ):
+        headers = {"x-api-key": KEY_A, **HELD_ACTION}
+        async with client.get(gateway.url + HELD_PATH, headers=headers) as response:
+            assert await response.content.readexactly(6) == b"first-"
+            loop = asyncio.get_running_loop()
+            signalled = loop.time()
+            gateway.send(signal.SIGTERM)
+            await gateway.wait_logged("shutting down")
+
+            async def refuses_new_connections() -> bool:
+                return await _refused(gateway.url)
+
+            await eventually(refuses_new_connections, what="the listener to close")
+            assert gateway.process.poll() is None
+            gate.release.set()
+            assert response.status == 200
+            assert await response.read() == b"second"
+        assert await gateway.wait_exit(timeout=10) == 0
+        assert loop.time() - signalled < 5  # done when the request is, not at the grace's end
+
+
+async def test_sigterm_stops_a_request_still_running_when_the_grace_ends(
+    tmp_path: Path, make_upstream: MakeUpstream
+) -> None:
+    gate = Gate()
+    upstream = await make_upstream(extra={HELD_PATH: gate.handler})
+    tenants = [tenant_entry("tenant-a", KEY_A, upstream.base_url, CREDS_A)]
+    try:
+        async with (
+            gateway_process(tmp_path, tenants, SHUTDOWN_GRACE="0.5") as gateway,
+            aiohttp.ClientSession() as client,
+        ):
+            headers = {"x-api-key": KEY_A, **HELD_ACTION}
+            async with client.get(gateway.url + HELD_PATH, headers=headers) as response:
+                assert await response.content.readexactly(6) == b"first-"
+                loop = asyncio.get_running_loop()
+                signalled = loop.time()
+                gateway.send(signal.SIGTERM)
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await response.read()
+                assert await gateway.wait_exit(timeout=5) == 0
+                assert loop.time() - signalled < 3
+    finally:
+        gate.release.set()
+
+
+async def test_sigint_stops_an_idle_gateway_with_exit_code_zero(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    tenants = [tenant_entry("tenant-a", KEY_A, upstream.base_url, CREDS_A)]
+    async with gateway_process(tmp_path, tenants) as gateway:
+        gateway.send(signal.SIGINT)
+        assert await gateway.wait_exit(timeout=10) == 0
+        assert gateway.count_logged("shutting down") == 1
+
+
+async def test_readyz_answers_503_while_draining(
+    upstream: Upstream, make_gateway: MakeGateway
+) -> None:
+    client = await make_gateway([make_tenant("tenant-a", KEY_A, upstream.base_url, CREDS_A)])
+    assert (await client.get("/readyz")).status == 200
+    client.app[STATE].draining = True
+    response = await client.get("/readyz")
+    body = await response.json()
+    assert response.status == 503
+    assert body["error"] == "NOT_READY"
+    assert (await client.get("/healthz")).status == 200
+
+
+async def test_two_workers_serve_requests_and_exit_zero_on_sigterm(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    tenants = [tenant_entry("tenant-a", KEY_A, upstream.base_url, CREDS_A)]
+    async with gateway_process(tmp_path, tenants, WORKERS="2") as gateway:
+        await gateway.wait_logged("gateway listening", count=2)
+        assert len(worker_pids(gateway.process.pid)) == 2
+        async with aiohttp.ClientSession() as client:
+            for _ in range(4):
+                async with client.post(
+                    gateway.url + "/openapi/aiagent/task/list",
+                    data=b"{}",
+                    headers={"x-api-key": KEY_A, "Content-Type": "application/json"},
+                ) as response:
+                    assert response.status == 200
+                    assert (await response.json())["code"] == 0
+        gateway.send(signal.SIGTERM)
+        assert await gateway.wait_exit(timeout=10) == 0
+        assert gateway.count_logged("shutting down") == 2
+    assert len(upstream.received) == 4
+
+
+async def test_a_worker_that_dies_makes_the_supervisor_exit_non_zero(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    tenants = [tenant_entry("tenant-a", KEY_A, upstream.base_url, CREDS_A)]
+    async with gateway_process(tmp_path, tenants, WORKERS="2") as gateway:
+        await gateway.wait_logged("gateway listening", count=2)
+        doomed = worker_pids(gateway.process.pid)[0]
+        os.kill(doomed, signal.SIGKILL)
+        gateway.send(signal.SIGTERM)
+        assert await gateway.wait_exit(timeout=10) == 128 + signal.SIGKILL

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import replace
 from typing import Final
 from urllib.parse import unquote
 
@@ -102,19 +102,24 @@ def build_upstream_url(base_url: str, raw_path: str, raw_query: str) -> URL:
     if not raw_path.startswith("/openapi/"):
         raise RequestError("Request target must be a path under /openapi/", error="INVALID_PATH")
     for segment in raw_path.split("/")[1:]:
-        decoded = unquote(segment)
+        decoded = unquote(segment) if "%" in segment else segment
         if not decoded or decoded in (".", "..") or any(c in decoded for c in "/\\\x00?#"):
             raise RequestError(
                 "Path has an empty, dot or encoded-slash segment", error="INVALID_PATH"
             )
-    base = URL(base_url)
-    target = base_url + raw_path + (f"?{raw_query}" if raw_query else "")
-    url = URL(target, encoded=True)
-    if (url.scheme, url.host, url.port) != (base.scheme, base.host, base.port) or not (
-        url.path.startswith(base.path.rstrip("/") + "/openapi/")
-    ):
+    origin, prefix = _base_parts(base_url)
+    url = URL(base_url + raw_path + (f"?{raw_query}" if raw_query else ""), encoded=True)
+    # Checked again on the built URL: whatever the parts were, it must stay under the base.
+    if (url.scheme, url.host, url.port) != origin or not url.path.startswith(prefix):
         raise NotFound("Path does not stay under the upstream base URL")
     return url
+
+
+@functools.lru_cache(maxsize=1024)
+def _base_parts(base_url: str) -> tuple[tuple[str, str | None, int | None], str]:
+    """A base URL's (scheme, host, port) and the path every upstream URL must start with."""
+    base = URL(base_url)
+    return (base.scheme, base.host, base.port), base.path.rstrip("/") + "/openapi/"
 
 
 def filter_request_headers(headers: CIMultiDictProxy[str], *, streamed: bool) -> CIMultiDict[str]:
@@ -196,13 +201,14 @@ async def handle_forward(request: web.Request) -> web.StreamResponse:
     streamed = is_multipart(request)
     headers = filter_request_headers(request.headers, streamed=streamed)
     headers["X-Request-Id"] = request[REQUEST_ID]
-    upstream = UpstreamRequest(
-        request.method, url, headers, action, credentials, tenant=tenant.alias
-    )
+    body, stream = None, None
     if streamed:
-        upstream = replace(upstream, stream=stream_body(request, settings.max_upload_bytes))
+        stream = stream_body(request, settings.max_upload_bytes)
     elif request.body_exists:
-        upstream = replace(upstream, body=await read_body(request, settings.max_body_bytes))
+        body = await read_body(request, settings.max_body_bytes)
+    upstream = UpstreamRequest(
+        request.method, url, headers, action, credentials, body, stream, tenant.alias
+    )
     sent = time.perf_counter()
     async with upstream_client(request).open(upstream) as answer:
         timing = _server_timing(started, sent, time.perf_counter())

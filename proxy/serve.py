@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing
 import os
@@ -148,6 +149,8 @@ async def _serve(
     runner = await start_site(
         app, settings.host, settings.port, reuse_port=reuse_port, grace=settings.shutdown_grace
     )
+    # Start-up objects (modules, app, registry) live for good: keep them out of GC passes.
+    gc.freeze()
     logger.info(
         "gateway listening",
         extra={

@@ -23,9 +23,11 @@ from proxy.tenants import Credentials
 logger = logging.getLogger(__name__)
 
 MAX_ATTEMPTS: Final = 3
+LARGE_BODY: Final = 1024 * 1024
 # Failures that happen before a single byte reached nxlink, so a retry cannot duplicate a call.
 CONNECT_ERRORS: Final = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
-# Headers aiohttp would add on its own; a client that did not send them must not get them added.
+# Headers aiohttp would add on its own; a client that did not send them must not get them
+# added (what a client did send is in the request's headers, which always win).
 AUTO_HEADERS: Final = ("Accept-Encoding", "User-Agent", "Content-Type", "Accept")
 
 StreamFactory = Callable[[], AsyncIterator[bytes]]
@@ -66,6 +68,7 @@ def create_session(settings: Settings) -> aiohttp.ClientSession:
         cookie_jar=aiohttp.DummyCookieJar(),
         trust_env=False,
         auto_decompress=False,
+        skip_auto_headers=AUTO_HEADERS,
     )
 
 
@@ -128,15 +131,12 @@ class UpstreamClient:
         )
         headers = CIMultiDict(request.headers)
         headers.update(signed)
-        # BytesIO, not bytes: aiohttp warns that a large raw-bytes body may block the loop.
-        data = request.stream() if request.stream is not None else _bytes_io(request.body)
-        skip = [name for name in AUTO_HEADERS if name not in request.headers]
+        data = request.stream() if request.stream is not None else _payload(request.body)
         return await self.session.request(
             request.method,
             request.url,
             headers=headers,
             data=data,
-            skip_auto_headers=skip,
             allow_redirects=False,
         )
 
@@ -148,8 +148,12 @@ def _upstream_error(exc: aiohttp.ClientError) -> UpstreamError:
     return UpstreamUnavailable(f"Upstream connection failed ({exc.__class__.__name__})")
 
 
-def _bytes_io(body: bytes | None) -> io.BytesIO | None:
-    return io.BytesIO(body) if body else None
+def _payload(body: bytes | None) -> bytes | io.BytesIO | None:
+    """Small bodies as bytes (cheapest); past aiohttp's 1 MiB mark as a fresh BytesIO,
+    which aiohttp writes in parts instead of warning that raw bytes may block the loop."""
+    if not body:
+        return None
+    return io.BytesIO(body) if len(body) > LARGE_BODY else body
 
 
 def json_headers(extra: Mapping[str, str] | None = None) -> CIMultiDict[str]:

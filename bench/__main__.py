@@ -1,0 +1,208 @@
+"""``make bench``: the gateway measured side by side with its upstream and nginx, in one run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Final
+
+import aiohttp
+
+from bench import streaming
+from bench.load import LoadResult, have_wrk, wrk, wrk_count
+from bench.procs import LOOPBACK, GiB, gateway, nginx, python_upstream, rss_kib
+
+REFERENCE_RPS: Final = 760.0
+RESULTS: Final = Path(__file__).resolve().parent / "results"
+PATH: Final = "/openapi/aiagent/task/list"
+
+
+def url(port: int) -> str:
+    return f"http://{LOOPBACK}:{port}{PATH}"
+
+
+def throughput(args: argparse.Namespace, origin: int, proxy: int | None) -> dict[str, Any]:
+    """Req/s and latency: direct, through the gateway, through nginx, with N workers."""
+    out: dict[str, Any] = {"direct": asdict(wrk(url(origin), seconds=args.seconds))}
+    with gateway(origin) as (_proc, port, _ready):
+        wrk(url(port), seconds=2)  # warm-up: pooled connections, caches
+        out["gateway"] = asdict(wrk(url(port), seconds=args.seconds))
+        out["direct_1conn"] = asdict(wrk(url(origin), connections=1, seconds=args.seconds))
+        out["gateway_1conn"] = asdict(wrk(url(port), connections=1, seconds=args.seconds))
+    if proxy is not None:
+        out["nginx_proxy"] = asdict(wrk(url(proxy), seconds=args.seconds))
+    workers = os.cpu_count() or 1
+    if workers > 1:
+        with gateway(origin, "--workers", str(workers)) as (_proc, port, _ready):
+            wrk(url(port), seconds=2)
+            out[f"gateway_{workers}_workers"] = asdict(wrk(url(port), seconds=args.seconds))
+    return out
+
+
+def memory(origin: int, total: int) -> dict[str, float]:
+    """Gateway RSS after at least 10% of ``total`` requests and after at least all of them."""
+    with gateway(origin) as (proc, port, ready):
+        idle = rss_kib(proc.pid)[0] / 1024
+        first = wrk_count(url(port), total // 10)
+        after_first = rss_kib(proc.pid)[0] / 1024
+        served = first + wrk_count(url(port), total - first)
+        after_all = rss_kib(proc.pid)[0] / 1024
+    return {
+        "startup_to_ready_s": ready,
+        "idle_rss_mib": idle,
+        "first_requests": first,
+        "rss_after_first_mib": after_first,
+        "all_requests": served,
+        "rss_after_all_mib": after_all,
+        "growth_mib": after_all - after_first,
+    }
+
+
+def stream(size: int) -> dict[str, float]:
+    """Peak RSS added while ``size`` bytes stream each way through a fresh gateway."""
+    with python_upstream() as origin, gateway(origin) as (proc, port, _ready):
+        return {"bytes": size, **streaming.measure(proc.pid, port, size)}
+
+
+def append(numbers: int) -> dict[str, Any]:
+    """append-numbers against a 20 ms upstream, if that benchmark is present."""
+    try:
+        from bench import append_bench
+    except ImportError:
+        return {"skipped": "bench/append_bench.py not present"}
+    result: dict[str, Any] = append_bench.run(numbers)
+    return result
+
+
+def machine() -> dict[str, Any]:
+    """Facts that make figures comparable."""
+    return {
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "platform": platform.platform(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def table(res: dict[str, Any]) -> list[str]:
+    """The human table: figures, ratios and targets."""
+    rows = ["| measure | value | target | ok |", "|---|---|---|---|"]
+
+    def row(name: str, value: str, target: str = "", ok: bool | None = None) -> None:
+        mark = "" if ok is None else ("yes" if ok else "NO")
+        rows.append(f"| {name} | {value} | {target} | {mark} |")
+
+    t = res.get("throughput", {})
+    for name, run in t.items():
+        r = LoadResult(**run)
+        row(
+            f"{name}: req/s, p50, p99",
+            f"{r.rps:,.0f} req/s, {r.p50_ms:.2f} ms, {r.p99_ms:.2f} ms ({r.errors} errors)",
+        )
+    if "gateway" in t:
+        gw = LoadResult(**t["gateway"])
+        if "nginx_proxy" in t:
+            share = ratio(gw.rps, LoadResult(**t["nginx_proxy"]).rps)
+            row("gateway / nginx proxy throughput", f"{share:.1%}", ">= 20%", share >= 0.2)
+        ref = ratio(gw.rps, REFERENCE_RPS)
+        row("gateway / reference (760 req/s)", f"{ref:.1f}x", ">= 10x", ref >= 10)
+        workers = [k for k in t if k.endswith("_workers")]
+        for k in workers:
+            row(f"{k} / 1 worker", f"{ratio(LoadResult(**t[k]).rps, gw.rps):.2f}x")
+    if "gateway_1conn" in t:
+        g, d = LoadResult(**t["gateway_1conn"]), LoadResult(**t["direct_1conn"])
+        row(
+            "added latency p50 (1 connection)",
+            f"{g.p50_ms - d.p50_ms:.3f} ms",
+            "<= 0.5 ms",
+            g.p50_ms - d.p50_ms <= 0.5,
+        )
+        row(
+            "added latency p99 (1 connection)",
+            f"{g.p99_ms - d.p99_ms:.3f} ms",
+            "<= 2 ms",
+            g.p99_ms - d.p99_ms <= 2,
+        )
+    m = res.get("memory", {})
+    if m:
+        row(
+            "start-up to /readyz 200",
+            f"{m['startup_to_ready_s']:.2f} s",
+            "< 1 s",
+            m["startup_to_ready_s"] < 1,
+        )
+        row("idle RSS", f"{m['idle_rss_mib']:.1f} MiB", "< 60 MiB", m["idle_rss_mib"] < 60)
+        row(
+            f"RSS after {m['first_requests']:,} / {m['all_requests']:,} requests",
+            f"{m['rss_after_first_mib']:.1f} / {m['rss_after_all_mib']:.1f} MiB",
+        )
+        row(
+            "RSS growth between the two",
+            f"{m['growth_mib']:+.1f} MiB",
+            "within 5 MiB",
+            abs(m["growth_mib"]) <= 5,
+        )
+    s = res.get("streaming", {})
+    for way in ("download", "upload"):
+        if f"{way}_added_mib" in s:
+            added = s[f"{way}_added_mib"]
+            row(
+                f"{s['bytes'] / GiB:g} GiB {way}: peak RSS added, speed",
+                f"{added:.1f} MiB, {s[f'{way}_mib_per_s']:.0f} MiB/s",
+                "<= 50 MiB",
+                added <= 50,
+            )
+    a = res.get("append", {})
+    if "wall_s" in a:
+        row(
+            f"append-numbers {a.get('numbers', '')} numbers, 20 ms upstream",
+            f"{a['wall_s']:.3f} s",
+            "< 1 s",
+            a["wall_s"] < 1,
+        )
+    return rows
+
+
+def main() -> int:
+    """Run every phase, print the table, write the JSON."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=8, help="seconds per load run")
+    parser.add_argument("--requests", type=int, default=200_000, help="memory phase total")
+    parser.add_argument("--stream-bytes", type=int, default=GiB, help="streaming phase size")
+    parser.add_argument("--append-numbers", type=int, default=10_000)
+    args = parser.parse_args()
+    if not have_wrk():
+        print("wrk is not installed: `apt-get install wrk` (make bench does it)", file=sys.stderr)
+        return 1
+    res: dict[str, Any] = {"machine": machine()}
+    with nginx() as ports:
+        with python_upstream() as py_origin:
+            origin = ports[0] if ports else py_origin
+            res["upstream"] = "nginx static origin" if ports else "aiohttp upstream"
+            res["throughput"] = throughput(args, origin, ports[1] if ports else None)
+            res["memory"] = memory(origin, args.requests)
+    res["streaming"] = stream(args.stream_bytes)
+    res["append"] = append(args.append_numbers)
+    lines = table(res)
+    print("\n".join(lines))
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    (RESULTS / "latest.md").write_text("\n".join(lines) + "\n")
+    print(f"\nwritten: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

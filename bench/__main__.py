@@ -16,7 +16,7 @@ import aiohttp
 
 from bench import streaming
 from bench.load import LoadResult, have_wrk, wrk, wrk_count
-from bench.procs import LOOPBACK, GiB, gateway, nginx, python_upstream, rss_kib
+from bench.procs import LOOPBACK, GiB, bare_proxy, gateway, nginx, python_upstream, rss_kib
 
 REFERENCE_RPS: Final = 760.0
 RESULTS: Final = Path(__file__).resolve().parent / "results"
@@ -37,6 +37,9 @@ def throughput(args: argparse.Namespace, origin: int, proxy: int | None) -> dict
         out["gateway_1conn"] = asdict(wrk(url(port), connections=1, seconds=args.seconds))
     if proxy is not None:
         out["nginx_proxy"] = asdict(wrk(url(proxy), seconds=args.seconds))
+    with bare_proxy(origin) as port:
+        wrk(url(port), seconds=2)
+        out["bare_aiohttp_proxy"] = asdict(wrk(url(port), seconds=args.seconds))
     workers = os.cpu_count() or 1
     if workers > 1:
         with gateway(origin, "--workers", str(workers)) as (_proc, port, _ready):
@@ -115,6 +118,9 @@ def table(res: dict[str, Any]) -> list[str]:
         if "nginx_proxy" in t:
             share = ratio(gw.rps, LoadResult(**t["nginx_proxy"]).rps)
             row("gateway / nginx proxy throughput", f"{share:.1%}", ">= 20%", share >= 0.2)
+        if "bare_aiohttp_proxy" in t:
+            floor = ratio(gw.rps, LoadResult(**t["bare_aiohttp_proxy"]).rps)
+            row("gateway / bare aiohttp proxy throughput", f"{floor:.0%}")
         ref = ratio(gw.rps, REFERENCE_RPS)
         row("gateway / reference (760 req/s)", f"{ref:.1f}x", ">= 10x", ref >= 10)
         workers = [k for k in t if k.endswith("_workers")]

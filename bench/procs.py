@@ -140,6 +140,25 @@ def python_upstream(latency: float = 0.0) -> Iterator[int]:
         yield port
 
 
+@contextmanager
+def bare_proxy(origin_port: int) -> Iterator[int]:
+    """The minimal aiohttp proxy (bench/bare_proxy.py) in front of the origin; yields its port."""
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.bare_proxy",
+        "--port",
+        str(port),
+        "--origin",
+        f"http://{LOOPBACK}:{origin_port}",
+    ]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    with process(argv, env):
+        wait_http(f"http://{LOOPBACK}:{port}/openapi/ping")
+        yield port
+
+
 NGINX_CONF: Final = """
 worker_processes 1;
 error_log {root}/error.log warn;

@@ -114,12 +114,11 @@ def _upstream_lifetime(
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
         session = create_session(settings)
-        latency = app[METRICS].upstream_latency
         app[UPSTREAM] = UpstreamClient(
             session,
             timeout=settings.upstream_timeout,
             clock=clock,
-            observe=lambda tenant, seconds: latency.labels(tenant).observe(seconds),
+            observe=app[METRICS].observe_upstream,
         )
         app[STATE].ready = True
         yield

@@ -141,9 +141,11 @@ def filter_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return CIMultiDict((n, v) for n, v in headers.items() if n.lower() not in dropped)
 
 
-def _connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     """Header names listed in ``Connection`` (hop-by-hop by declaration)."""
-    tokens = ",".join(v for k, v in headers.items() if k.lower() == "connection")
+    if "Connection" not in headers:
+        return frozenset()
+    tokens = ",".join(headers.getall("Connection"))
     return frozenset(t.strip().lower() for t in tokens.split(",") if t.strip())
 
 

@@ -57,9 +57,19 @@ class Limiter:
         self._buckets: dict[str, tuple[TenantPolicy, TokenBucket]] = {}
         self._inflight: dict[str, int] = {}
 
-    def check_rate(self, tenant: Tenant) -> None:
-        """Spend one token of the tenant's bucket or raise 429 ``RATE_LIMITED``."""
+    @contextmanager
+    def admit(self, tenant: Tenant) -> Iterator[None]:
+        """Take a token and hold an in-flight slot for the block, or raise 429."""
         policy = TenantPolicy.of(tenant, self.settings)
+        if policy.rate is None and policy.max_inflight is None:
+            yield
+            return
+        self._check_rate(tenant, policy)
+        with self._slot(tenant, policy.max_inflight):
+            yield
+
+    def _check_rate(self, tenant: Tenant, policy: TenantPolicy) -> None:
+        """Spend one token of the tenant's bucket or raise 429 ``RATE_LIMITED``."""
         if policy.rate is None:
             return
         bucket = self._bucket(tenant.source, policy)
@@ -80,9 +90,8 @@ class Limiter:
         return known[1]
 
     @contextmanager
-    def slot(self, tenant: Tenant) -> Iterator[None]:
+    def _slot(self, tenant: Tenant, cap: int | None) -> Iterator[None]:
         """Hold one of the tenant's in-flight slots, or raise 429 ``TENANT_BUSY``."""
-        cap = TenantPolicy.of(tenant, self.settings).max_inflight
         key = tenant.source
         if cap is not None and self._inflight.get(key, 0) >= cap:
             raise TooManyRequests(

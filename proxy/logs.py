@@ -39,9 +39,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key, value in vars(record).items():
-            if key not in STANDARD_FIELDS:
-                line[key] = value
+        fields = vars(record)
+        for key in fields.keys() - STANDARD_FIELDS:
+            line[key] = fields[key]
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False, default=str)

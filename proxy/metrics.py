@@ -66,6 +66,25 @@ class Metrics:
             registry=self.registry,
         )
 
+        # Labelled children of the two per-request metrics, looked up once per label set.
+        self._counted: dict[tuple[str, str, str], Counter] = {}
+        self._timed: dict[str, Histogram] = {}
+
+    def count_request(self, tenant: str, route: str, status: int) -> None:
+        """One answered request."""
+        key = (tenant, route, status_class(status))
+        child = self._counted.get(key)
+        if child is None:
+            child = self._counted[key] = self.requests.labels(*key)
+        child.inc()
+
+    def observe_upstream(self, tenant: str, seconds: float) -> None:
+        """One upstream exchange's time until response headers."""
+        child = self._timed.get(tenant)
+        if child is None:
+            child = self._timed[tenant] = self.upstream_latency.labels(tenant)
+        child.observe(seconds)
+
     def render(self) -> bytes:
         """The exposition text."""
         return generate_latest(self.registry)

@@ -1,10 +1,10 @@
-"""The middleware chain: request id → errors → auth (→ limits), one concern each."""
+"""The middleware chain: request id → metrics → errors → auth → limits, one concern each."""
 
 from __future__ import annotations
 
 import logging
 import re
-import uuid
+import secrets
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -35,7 +35,6 @@ from proxy.errors import (
     TooManyRequests,
 )
 from proxy.logs import request_id_var
-from proxy.metrics import status_class
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ HTTP_ERRORS: Final[dict[int, type[GatewayError]]] = {
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Take a sane client ``X-Request-Id`` or make one; stamp logs and the answer with it."""
     given = request.headers.get(REQUEST_ID_HEADER, "")
-    request_id = given if SANE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    request_id = given if SANE_REQUEST_ID.fullmatch(given) else secrets.token_hex(16)
     request[REQUEST_ID] = request_id
     token = request_id_var.set(request_id)
     try:
@@ -80,7 +79,7 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         tenant = request.get(TENANT)
         route = request.match_info.route.name or "unmatched"
         alias = tenant.alias if tenant is not None else ""
-        registry.requests.labels(alias, route, status_class(status)).inc()
+        registry.count_request(alias, route, status)
 
 
 @web.middleware
@@ -170,10 +169,8 @@ async def limits_middleware(request: web.Request, handler: Handler) -> web.Strea
     tenant = request.get(TENANT)
     if tenant is None:
         return await handler(request)
-    limiter = request.app[LIMITER]
     try:
-        limiter.check_rate(tenant)
-        with limiter.slot(tenant):
+        with request.app[LIMITER].admit(tenant):
             return await handler(request)
     except TooManyRequests as exc:
         metrics(request).limited.labels(tenant.alias, exc.code).inc()

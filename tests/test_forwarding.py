@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import socket
 import time
 import zlib
@@ -1012,3 +1013,20 @@ async def test_logs_never_show_a_key_or_secret(
     assert caplog.records
     for secret in (KEY_A, KEY_B, "wrong-key-0123456789", "secret-a", "secret-b"):
         assert secret not in caplog.text, secret
+
+
+SERVER_TIMING: Final = re.compile(r"gateway;dur=(\d+\.\d{2}), upstream;dur=(\d+\.\d{2})")
+
+
+async def test_forwarded_answers_carry_the_gateway_and_upstream_time(start: StartPair) -> None:
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.05)  # the upstream's own latency, which the header must show
+        return web.json_response({"code": 0})
+
+    _, gateway = await start({"/openapi/test/slow": slow})
+    resp = await gateway.post("/openapi/test/slow", headers=headers_for(KEY_A, action="s"))
+    found = SERVER_TIMING.fullmatch(resp.headers["Server-Timing"])
+    assert found is not None, resp.headers["Server-Timing"]
+    gateway_ms, upstream_ms = float(found.group(1)), float(found.group(2))
+    assert upstream_ms >= 50
+    assert gateway_ms < upstream_ms

@@ -85,6 +85,12 @@ def test_tenant_override_beats_the_global_limit() -> None:
     assert TenantPolicy.of(default, settings) == TenantPolicy(10.0, 20, 5)
 
 
+def take(limiter: Limiter, tenant: Tenant) -> None:
+    """One request's worth of the limiter: a token, and a slot given straight back."""
+    with limiter.admit(tenant):
+        pass
+
+
 @pytest.mark.parametrize(("rps", "burst"), [("0.5", 1), ("1", 1), ("2.5", 3), ("40", 40)])
 def test_burst_defaults_to_the_rate_rounded_up_and_at_least_one(rps: str, burst: int) -> None:
     tenant = make_tenant("t", KEY_A, "http://x", CREDS_A)
@@ -95,8 +101,8 @@ def test_limits_are_off_by_default() -> None:
     limiter = Limiter(make_settings())
     tenant = make_tenant("t", KEY_A, "http://x", CREDS_A)
     for _ in range(1000):
-        limiter.check_rate(tenant)
-    with limiter.slot(tenant), limiter.slot(tenant), limiter.slot(tenant):
+        take(limiter, tenant)
+    with limiter.admit(tenant), limiter.admit(tenant), limiter.admit(tenant):
         pass
 
 
@@ -105,9 +111,9 @@ def test_retry_after_is_the_wait_in_seconds_rounded_up(rps: float, retry_after: 
     clock = FakeClock()
     limiter = Limiter(make_settings(), clock)
     tenant = make_tenant("t", KEY_A, "http://x", CREDS_A, limits=Limits(rps, 1))
-    limiter.check_rate(tenant)
+    take(limiter, tenant)
     with pytest.raises(TooManyRequests) as refused:
-        limiter.check_rate(tenant)
+        take(limiter, tenant)
     assert refused.value.code == "RATE_LIMITED"
     assert refused.value.headers() == {"Retry-After": str(retry_after)}
 
@@ -116,22 +122,22 @@ def test_limiter_grants_again_once_the_wait_has_passed() -> None:
     clock = FakeClock()
     limiter = Limiter(make_settings(RATE_LIMIT_RPS="0.5"), clock)
     tenant = make_tenant("t", KEY_A, "http://x", CREDS_A)
-    limiter.check_rate(tenant)
+    take(limiter, tenant)
     with pytest.raises(TooManyRequests):
-        limiter.check_rate(tenant)
+        take(limiter, tenant)
     clock.now += 1.5  # binary fractions: the sums below are exact
     with pytest.raises(TooManyRequests):
-        limiter.check_rate(tenant)
+        take(limiter, tenant)
     clock.now += 0.5
-    limiter.check_rate(tenant)
+    take(limiter, tenant)
 
 
 def test_slot_is_given_back_when_the_request_fails() -> None:
     limiter = Limiter(make_settings(MAX_INFLIGHT_PER_TENANT="1"))
     tenant = make_tenant("t", KEY_A, "http://x", CREDS_A)
-    with pytest.raises(RuntimeError), limiter.slot(tenant):
+    with pytest.raises(RuntimeError), limiter.admit(tenant):
         raise RuntimeError("handler failed")
-    with limiter.slot(tenant), pytest.raises(TooManyRequests) as refused, limiter.slot(tenant):
+    with limiter.admit(tenant), pytest.raises(TooManyRequests) as refused, limiter.admit(tenant):
         pass
     assert refused.value.code == "TENANT_BUSY"
 

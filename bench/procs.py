@@ -53,15 +53,6 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
-def tree_rss_kib(pid: int) -> int:
-    """RSS of a process and its direct children (the --workers supervisor and workers)."""
-    total = rss_kib(pid)[0]
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    for child in children.read_text().split() if children.exists() else []:
-        total += rss_kib(int(child))[0]
-    return total
-
-
 @contextmanager
 def process(
     argv: list[str], env: Mapping[str, str] | None = None

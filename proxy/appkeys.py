@@ -41,6 +41,7 @@ TENANT: Final = web.RequestKey("tenant", Tenant)
 API_KEY: Final = web.RequestKey("api_key", str)
 RESPONSE_STARTED: Final = web.RequestKey("response_started", bool)
 UPSTREAM_STATUS: Final = web.RequestKey("upstream_status", int)
+STARTED: Final = web.RequestKey("started", float)
 
 
 def current_tenant(request: web.Request) -> Tenant:

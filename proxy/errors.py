@@ -22,9 +22,7 @@ GatewayError                      any failure answered with an envelope
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar, Final
-
-JSON_CONTENT_TYPE: Final = "application/json; charset=utf-8"
+from typing import Any, ClassVar
 
 
 class GatewayError(Exception):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import time
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -17,6 +18,7 @@ from proxy.appkeys import (
     REQUEST_ID,
     RESPONSE_STARTED,
     SETTINGS,
+    STARTED,
     STATE,
     TENANT,
     metrics,
@@ -54,6 +56,7 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
     given = request.headers.get(REQUEST_ID_HEADER, "")
     request_id = given if SANE_REQUEST_ID.fullmatch(given) else secrets.token_hex(16)
     request[REQUEST_ID] = request_id
+    request[STARTED] = time.perf_counter()
     token = request_id_var.set(request_id)
     try:
         response = await handler(request)

@@ -126,9 +126,11 @@ def filter_request_headers(headers: CIMultiDictProxy[str], *, streamed: bool) ->
     """End-to-end client headers minus credentials, forwarding and hop-by-hop ones."""
     dropped = REQUEST_DROP | _connection_tokens(headers)
     kept = CIMultiDict(
-        (name, value)
-        for name, value in headers.items()
-        if name.lower() not in dropped and not name.lower().startswith(FORWARDED_PREFIX)
+        [
+            (name, value)
+            for name, value in headers.items()
+            if (lower := name.lower()) not in dropped and not lower.startswith(FORWARDED_PREFIX)
+        ]
     )
     if streamed and "Content-Length" in headers and "Content-Encoding" not in headers:
         kept["Content-Length"] = headers["Content-Length"]
@@ -138,7 +140,7 @@ def filter_request_headers(headers: CIMultiDictProxy[str], *, streamed: bool) ->
 def filter_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """Upstream response headers minus hop-by-hop ones and cookies."""
     dropped = RESPONSE_DROP | _connection_tokens(headers)
-    return CIMultiDict((n, v) for n, v in headers.items() if n.lower() not in dropped)
+    return CIMultiDict([(n, v) for n, v in headers.items() if n.lower() not in dropped])
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Final
 
 from proxy.config import Settings
 from proxy.errors import TooManyRequests
 from proxy.tenants import Tenant
+
+UNLIMITED: Final[AbstractContextManager[None]] = nullcontext()
 
 
 @dataclass(slots=True)
@@ -57,16 +60,13 @@ class Limiter:
         self._buckets: dict[str, tuple[TenantPolicy, TokenBucket]] = {}
         self._inflight: dict[str, int] = {}
 
-    @contextmanager
-    def admit(self, tenant: Tenant) -> Iterator[None]:
+    def admit(self, tenant: Tenant) -> AbstractContextManager[None]:
         """Take a token and hold an in-flight slot for the block, or raise 429."""
         policy = TenantPolicy.of(tenant, self.settings)
         if policy.rate is None and policy.max_inflight is None:
-            yield
-            return
+            return UNLIMITED
         self._check_rate(tenant, policy)
-        with self._slot(tenant, policy.max_inflight):
-            yield
+        return self._slot(tenant, policy.max_inflight)
 
     def _check_rate(self, tenant: Tenant, policy: TenantPolicy) -> None:
         """Spend one token of the tenant's bucket or raise 429 ``RATE_LIMITED``."""

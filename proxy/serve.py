@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import multiprocessing
@@ -77,9 +78,13 @@ def _supervise(settings: Settings, registry: Registry, load: Loader | None) -> i
         worker.start()
 
     def relay(signum: int, _frame: object) -> None:
+        # No liveness check here: it would reap a child under join()'s feet. A worker that is
+        # already gone is skipped; letting the error out would leave the others unsignalled
+        # while multiprocessing's exit hook waits for them forever.
         for worker in workers:
-            if worker.pid is not None and worker.is_alive():
-                os.kill(worker.pid, signum)
+            if worker.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, relay)

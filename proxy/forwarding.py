@@ -97,8 +97,12 @@ def resolve_action(headers: Mapping[str, str], path: str, table: Mapping[str, st
     return action
 
 
+@functools.lru_cache(maxsize=4096)
 def build_upstream_url(base_url: str, raw_path: str, raw_query: str) -> URL:
-    """Base URL + normalised request path, refusing anything that could leave the base."""
+    """Base URL + normalised request path, refusing anything that could leave the base.
+
+    Pure, so cached: a tenant calls the same few operations over and over (refusals raise,
+    and are not cached)."""
     if not raw_path.startswith("/openapi/"):
         raise RequestError("Request target must be a path under /openapi/", error="INVALID_PATH")
     for segment in raw_path.split("/")[1:]:

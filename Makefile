@@ -8,10 +8,12 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml proxy/__init__.py
+# constraints.txt pins every package, direct or not, to the versions the tests last passed
+# with, so a fresh install a month from now still passes (pyproject.toml keeps the ranges).
+$(STAMP): pyproject.toml proxy/__init__.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 run: install
@@ -29,7 +31,7 @@ test: lint
 # wrk is the load generator (C, event-driven: the client is never the bottleneck);
 # nginx-light gives the plain reverse-proxy baseline. Both come from Debian's packages.
 bench: install
-	command -v wrk >/dev/null && command -v nginx >/dev/null || \
+	command -v wrk >/dev/null && (command -v nginx || test -x /usr/sbin/nginx) >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light)
 	$(BIN)/python -m bench
 

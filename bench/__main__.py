@@ -29,7 +29,7 @@ def url(port: int) -> str:
 
 def throughput(args: argparse.Namespace, origin: int, proxy: int | None) -> dict[str, Any]:
     """Req/s and latency of every target, in interleaved rounds; the median round of each."""
-    workers = os.cpu_count() or 1
+    workers = len(os.sched_getaffinity(0))
     with (
         gateway(origin) as (_gw, gateway_port, _ready),
         bare_proxy(origin) as bare_port,
@@ -134,7 +134,12 @@ def table(res: dict[str, Any]) -> list[str]:
             floor = ratio(gw.rps, LoadResult(**t["bare_aiohttp_proxy"]).rps)
             row("gateway / bare aiohttp proxy throughput", f"{floor:.0%}")
         ref = ratio(gw.rps, REFERENCE_RPS)
-        row("gateway / reference (760 req/s)", f"{ref:.1f}x", ">= 10x", ref >= 10)
+        row(
+            "gateway / reference's 760 req/s (its figure, from its own machine)",
+            f"{ref:.1f}x",
+            ">= 10x",
+            ref >= 10,
+        )
         workers = [k for k in t if k.endswith("_workers")]
         for k in workers:
             row(f"{k} / 1 worker", f"{ratio(LoadResult(**t[k]).rps, gw.rps):.2f}x")
@@ -183,11 +188,12 @@ def table(res: dict[str, Any]) -> list[str]:
             )
     a = res.get("append", {})
     if "wall_s" in a:
+        complete = a["succeeded"] == a["numbers"]
         row(
-            f"append-numbers {a.get('numbers', '')} numbers, 20 ms upstream",
+            f"append-numbers {a['numbers']} numbers, 20 ms upstream (all appended: {complete})",
             f"{a['wall_s']:.3f} s",
             "< 1 s",
-            a["wall_s"] < 1,
+            a["wall_s"] < 1 and complete,
         )
     return rows
 

@@ -73,7 +73,7 @@ async def measure(numbers: int) -> dict[str, Any]:
     upstream_app = create_upstream_app(LATENCY)
     upstream_app.middlewares.append(call_counter(calls))
     async with serving(upstream_app) as upstream:
-        wall, succeeded = await append_once(upstream, numbers, {})
+        wall, succeeded = await append_once(upstream, numbers, {"APPEND_MAX_NUMBERS": str(numbers)})
         batched_calls = len(calls) - 1
         sample = min(numbers, BASELINE_SAMPLE)
         sample_wall, _ = await append_once(upstream, sample, SEQUENTIAL)

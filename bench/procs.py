@@ -91,6 +91,7 @@ def gateway_env(upstream_port: int, **extra: str) -> dict[str, str]:
             "EXTERNAL_API_KEY_1_OPENAPI_BASE_URL": f"http://{LOOPBACK}:{upstream_port}",
             "MAX_UPLOAD_BYTES": str(2 * GiB),
             "TENANTS_FILE": "",
+            "ENV_FILE": os.devnull,  # no stray .env in the working directory
         }
     )
     env.update(extra)

@@ -42,9 +42,10 @@ from proxy.middleware import (
     metrics_middleware,
     request_id_middleware,
 )
+from proxy.nxlink import now_ms
 from proxy.reload import Loader, Reloader
 from proxy.tenants import Registry
-from proxy.upstream import UpstreamClient, create_session, now_ms
+from proxy.upstream import UpstreamClient, create_session
 
 # Routes answered without an API key.
 PUBLIC_ROUTES: Final = frozenset({"keys", "healthz", "readyz", "metrics"})

@@ -191,7 +191,8 @@ def answer_body(task_id: str, results: Sequence[Result], api_key: str) -> bytes:
     )
     data = {"taskId": task_id, **counts, "results": results}
     body = {"code": 200, "message": message, "data": data, "apiKey": mask_key(api_key)}
-    return json.dumps(body, ensure_ascii=False).encode()
+    # An unusable entry is echoed as sent; a lone surrogate in it goes out as a JSON escape.
+    return json.dumps(body, ensure_ascii=False).encode("utf-8", "backslashreplace")
 
 
 async def append_numbers(request: web.Request, raw: bytes) -> bytes:
@@ -216,7 +217,8 @@ async def append_numbers(request: web.Request, raw: bytes) -> bytes:
 
 async def handle_append(request: web.Request) -> web.Response:
     """``POST /api/openapi/append-numbers``; a repeated Idempotency-Key replays the answer."""
-    raw = await read_body(request, request.app[SETTINGS].max_body_bytes)
+    settings = request.app[SETTINGS]
+    raw = await read_body(request, settings.max_body_bytes, settings.upstream_timeout)
     key = idempotency_key(request)
     if key is None:
         return _json_answer(await append_numbers(request, raw))

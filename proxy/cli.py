@@ -22,10 +22,10 @@ from proxy.config import (
     read_environment,
 )
 from proxy.limits import TenantPolicy
+from proxy.nxlink import now_ms
 from proxy.serve import run_gateway, run_sandbox
 from proxy.signing import sign_headers, string_to_sign
 from proxy.tenants import Credentials, Registry, Tenant, hash_key, load_registry
-from proxy.upstream import now_ms
 
 logger = logging.getLogger(__name__)
 

@@ -81,7 +81,9 @@ SETTINGS_TABLE: Final[tuple[SettingSpec, ...]] = (
     SettingSpec("UPSTREAM_TIMEOUT", "60", "seconds until nxlink's response headers; 504 beyond"),
     SettingSpec("UPSTREAM_MAX_CONNECTIONS", "256", "pooled connections to all upstreams"),
     SettingSpec("RATE_LIMIT_RPS", "", "per-tenant requests per second (off when empty)"),
-    SettingSpec("RATE_LIMIT_BURST", "", "per-tenant burst size (defaults to max(1, RPS))"),
+    SettingSpec(
+        "RATE_LIMIT_BURST", "", "per-tenant burst size (default: the rate rounded up, at least 1)"
+    ),
     SettingSpec("MAX_INFLIGHT_PER_TENANT", "", "per-tenant concurrent requests (off when empty)"),
     SettingSpec("APPEND_BATCH_SIZE", "100", "numbers per upstream call/append request"),
     SettingSpec("APPEND_CONCURRENCY", "4", "append batches in flight per request"),
@@ -142,7 +144,10 @@ def read_environment(
     problems: list[str] = []
     if Path(env_file).exists():
         try:
-            dotenv = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+            # No ${VAR} expansion: python-dotenv would take it from the real os.environ (not
+            # the environment handed in), and a secret with a "$" in it would change.
+            values = dotenv_values(env_file, interpolate=False)
+            dotenv = {k: v for k, v in values.items() if v is not None}
         except (OSError, UnicodeDecodeError) as exc:
             problems.append(f"ENV_FILE={env_file}: cannot be read ({exc}); fix or remove it")
     elif "ENV_FILE" in overrides or "ENV_FILE" in environ:

@@ -56,7 +56,8 @@ class GatewayError(Exception):
 
     def body(self) -> bytes:
         """The envelope encoded as UTF-8 JSON (non-ASCII kept readable)."""
-        return json.dumps(self.envelope(), ensure_ascii=False).encode()
+        # A wrong key echoed masked may hold undecodable header bytes: keep them as escapes.
+        return json.dumps(self.envelope(), ensure_ascii=False).encode("utf-8", "backslashreplace")
 
 
 class AuthError(GatewayError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import re
@@ -27,7 +28,7 @@ from proxy.appkeys import (
 )
 from proxy.errors import NotFound, PayloadTooLarge, RequestError
 from proxy.nxlink import KNOWN_ACTIONS
-from proxy.upstream import StreamFactory, UpstreamRequest
+from proxy.upstream import LARGE_BODY, StreamFactory, UpstreamRequest
 
 logger = logging.getLogger(__name__)
 
@@ -97,23 +98,31 @@ def resolve_action(headers: Mapping[str, str], path: str, table: Mapping[str, st
     return action
 
 
-@functools.lru_cache(maxsize=4096)
 def build_upstream_url(base_url: str, raw_path: str, raw_query: str) -> URL:
-    """Base URL + normalised request path, refusing anything that could leave the base.
+    """Base URL + normalised request path (+ the query verbatim), never leaving the base."""
+    if not raw_query:
+        return _build_url(base_url, raw_path)
+    return _checked(URL(f"{_build_url(base_url, raw_path)}?{raw_query}", encoded=True), base_url)
 
-    Pure, so cached: a tenant calls the same few operations over and over (refusals raise,
-    and are not cached)."""
+
+@functools.lru_cache(maxsize=1024)
+def _build_url(base_url: str, raw_path: str) -> URL:
+    """Cached: a tenant calls the same few paths over and over (refusals raise, uncached)."""
     if not raw_path.startswith("/openapi/"):
         raise RequestError("Request target must be a path under /openapi/", error="INVALID_PATH")
     for segment in raw_path.split("/")[1:]:
         decoded = unquote(segment) if "%" in segment else segment
-        if not decoded or decoded in (".", "..") or any(c in decoded for c in "/\\\x00?#"):
+        # "..;x" is ".." to servlet containers (path parameters), so it counts as a dot segment.
+        if decoded.split(";", 1)[0] in ("", ".", "..") or any(c in decoded for c in "/\\\x00?#"):
             raise RequestError(
                 "Path has an empty, dot or encoded-slash segment", error="INVALID_PATH"
             )
+    return _checked(URL(base_url + raw_path, encoded=True), base_url)
+
+
+def _checked(url: URL, base_url: str) -> URL:
+    """Checked again on the built URL: whatever the parts were, it must stay under the base."""
     origin, prefix = _base_parts(base_url)
-    url = URL(base_url + raw_path + (f"?{raw_query}" if raw_query else ""), encoded=True)
-    # Checked again on the built URL: whatever the parts were, it must stay under the base.
     if (url.scheme, url.host, url.port) != origin or not url.path.startswith(prefix):
         raise NotFound("Path does not stay under the upstream base URL")
     return url
@@ -160,24 +169,39 @@ def is_multipart(request: web.Request) -> bool:
     return request.content_type == MULTIPART
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The exact body bytes, at most ``limit`` of them, checked to be UTF-8."""
+async def read_body(request: web.Request, limit: int, timeout: float) -> bytes:
+    """The exact body bytes, at most ``limit`` of them within ``timeout``, checked to be UTF-8."""
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"Request body exceeds {limit} bytes")
+    try:
+        async with asyncio.timeout(timeout):
+            body = await _read_all(request, limit)
+    except TimeoutError as exc:
+        raise RequestError(
+            f"Request body not received within {timeout:g}s", error="BODY_TIMEOUT", status=408
+        ) from exc
+    except (ConnectionError, aiohttp.ClientPayloadError) as exc:
+        raise RequestError("Request body was cut off", error="INCOMPLETE_BODY") from exc
+    try:
+        if len(body) > LARGE_BODY:  # a 10 MiB check takes ~10 ms: not on the event loop
+            await asyncio.to_thread(body.decode, "utf-8")
+        else:
+            body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(
+            f"Request body is not valid UTF-8 (byte {exc.start})", error="INVALID_ENCODING"
+        ) from exc
+    return body
+
+
+async def _read_all(request: web.Request, limit: int) -> bytes:
     chunks, size = [], 0
     async for chunk in request.content.iter_chunked(READ_CHUNK):
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"Request body exceeds {limit} bytes")
         chunks.append(chunk)
-    body = b"".join(chunks)
-    try:
-        body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RequestError(
-            f"Request body is not valid UTF-8 (byte {exc.start})", error="INVALID_ENCODING"
-        ) from exc
-    return body
+    return b"".join(chunks)
 
 
 def stream_body(request: web.Request, limit: int) -> StreamFactory:
@@ -213,7 +237,7 @@ async def handle_forward(request: web.Request) -> web.StreamResponse:
     if streamed:
         stream = stream_body(request, settings.max_upload_bytes)
     elif request.body_exists:
-        body = await read_body(request, settings.max_body_bytes)
+        body = await read_body(request, settings.max_body_bytes, settings.upstream_timeout)
     upstream = UpstreamRequest(
         request.method, url, headers, action, credentials, body, stream, tenant.alias
     )
@@ -241,14 +265,14 @@ async def stream_back(
     request[UPSTREAM_STATUS] = answer.status
     await response.prepare(request)
     request[RESPONSE_STARTED] = True
+    sent = 0
     try:
         async for chunk in answer.content.iter_any():
             await response.write(chunk)
+            sent += len(chunk)
     except (aiohttp.ClientError, OSError) as exc:
         # Headers are gone already: no envelope is possible, so drop the connection.
-        logger.warning(
-            "response stream cut after %d bytes: %s", response.body_length, exc.__class__.__name__
-        )
+        logger.warning("response stream cut after %d bytes: %s", sent, exc.__class__.__name__)
         raise
     await response.write_eof()
     return response

@@ -65,8 +65,9 @@ class Limiter:
         policy = TenantPolicy.of(tenant, self.settings)
         if policy.rate is None and policy.max_inflight is None:
             return UNLIMITED
+        self._check_busy(tenant, policy.max_inflight)  # before the bucket: no token wasted
         self._check_rate(tenant, policy)
-        return self._slot(tenant, policy.max_inflight)
+        return self._slot(tenant)
 
     def _check_rate(self, tenant: Tenant, policy: TenantPolicy) -> None:
         """Spend one token of the tenant's bucket or raise 429 ``RATE_LIMITED``."""
@@ -89,14 +90,17 @@ class Limiter:
             self._buckets[key] = known
         return known[1]
 
-    @contextmanager
-    def _slot(self, tenant: Tenant, cap: int | None) -> Iterator[None]:
-        """Hold one of the tenant's in-flight slots, or raise 429 ``TENANT_BUSY``."""
-        key = tenant.source
-        if cap is not None and self._inflight.get(key, 0) >= cap:
+    def _check_busy(self, tenant: Tenant, cap: int | None) -> None:
+        """Raise 429 ``TENANT_BUSY`` when the tenant has ``cap`` requests in flight."""
+        if cap is not None and self._inflight.get(tenant.source, 0) >= cap:
             raise TooManyRequests(
                 f"{tenant.alias} already has {cap} requests in flight", error="TENANT_BUSY"
             )
+
+    @contextmanager
+    def _slot(self, tenant: Tenant) -> Iterator[None]:
+        """Hold one of the tenant's in-flight slots for the block."""
+        key = tenant.source
         self._inflight[key] = self._inflight.get(key, 0) + 1
         try:
             yield

@@ -101,9 +101,18 @@ def _integer(value: object, name: str) -> int:
 
 
 def _text(value: object, name: str) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{name} must be a string")
+    if not isinstance(value, str) or not _encodable(value):
+        raise ValueError(f"{name} must be a string of Unicode text")
     return value
+
+
+def _encodable(text: str) -> bool:
+    """False for JSON escapes of lone surrogates (``"\\udcff"``), which UTF-8 cannot carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_params(value: object, name: str = "params") -> list[Param]:
@@ -117,9 +126,12 @@ def _is_param(value: object) -> bool:
     if not isinstance(value, dict):
         return False
     name, given = value.get("name"), value.get("value")
-    number = isinstance(given, int | float) and not isinstance(given, bool) and math.isfinite(given)
-    scalar = isinstance(given, str) or number
-    return isinstance(name, str) and bool(name.strip()) and scalar
+    # math.isfinite overflows on a huge int: ints are finite anyway, so only floats ask it.
+    number = (isinstance(given, int) and not isinstance(given, bool)) or (
+        isinstance(given, float) and math.isfinite(given)
+    )
+    text = isinstance(given, str) and _encodable(given)
+    return isinstance(name, str) and bool(name.strip()) and _encodable(name) and (text or number)
 
 
 def clean_phone(value: object) -> str:

@@ -1,5 +1,6 @@
 """Facts of the nxlink OpenAPI contract shared by the gateway and the sandbox."""
 
+import time
 from typing import Final
 
 DEFAULT_BASE_URL: Final = "https://api-westus.nxlink.ai"
@@ -17,3 +18,8 @@ KNOWN_ACTIONS: Final = {
     "/openapi/aiagent/call/delete": "callDelete",
     "/openapi/aiagent/order/delete": "operateCallRecords",
 }
+
+
+def now_ms() -> int:
+    """Wall-clock Unix time in milliseconds, as nxlink's ``ts`` wants it."""
+    return time.time_ns() // 1_000_000

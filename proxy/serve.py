@@ -118,7 +118,11 @@ async def start_site(
         app, access_log_class=AccessLogger, handle_signals=False, shutdown_timeout=grace
     )
     await runner.setup()
-    await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
+    try:
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
+    except BaseException:  # e.g. the port is taken: close what setup opened, then fail
+        await runner.cleanup()
+        raise
     return runner
 
 
@@ -144,10 +148,23 @@ async def _serve(
     reuse_port: bool = False,
 ) -> None:
     stop = _stop_event()
-    sandbox = None
-    if demo:
-        sandbox = await start_site(create_sandbox_app(_demo_accounts()), LOOPBACK, 0)
-        registry = demo_registry(f"http://{LOOPBACK}:{bound_port(sandbox)}")
+    async with contextlib.AsyncExitStack() as started:
+        if demo:
+            sandbox = await start_site(create_sandbox_app(_demo_accounts()), LOOPBACK, 0)
+            started.push_async_callback(sandbox.cleanup)
+            registry = demo_registry(f"http://{LOOPBACK}:{bound_port(sandbox)}")
+        await _serve_until(stop, settings, registry, demo=demo, load=load, reuse_port=reuse_port)
+
+
+async def _serve_until(
+    stop: asyncio.Event,
+    settings: Settings,
+    registry: Registry,
+    *,
+    demo: bool,
+    load: Loader | None,
+    reuse_port: bool,
+) -> None:
     app = create_app(settings, registry, reload=load)
     if RELOADER in app:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, app[RELOADER].request)
@@ -171,8 +188,6 @@ async def _serve(
     logger.info("shutting down", extra={"grace_s": settings.shutdown_grace})
     app[STATE].draining = True
     await runner.cleanup()
-    if sandbox is not None:
-        await sandbox.cleanup()
 
 
 async def _serve_sandbox(host: str, port: int, accounts: list[Credentials]) -> None:

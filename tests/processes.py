@@ -4,6 +4,7 @@ route held open by the test, polling, and a real ``python -m proxy serve`` subpr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -168,8 +169,14 @@ async def gateway_process(
     argv += list(args)
     stdout_path, stderr_path = tmp_path / "stdout.log", tmp_path / "stderr.log"
     with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
+        # A session (and process group) of its own: workers it forks can be stopped with it.
         process = subprocess.Popen(
-            argv, stdout=out, stderr=err, cwd=tmp_path, env=process_env(**settings)
+            argv,
+            stdout=out,
+            stderr=err,
+            cwd=tmp_path,
+            env=process_env(**settings),
+            start_new_session=True,
         )
         gateway = GatewayProcess(process, port, stdout_path, stderr_path, tenants_file)
         try:
@@ -183,3 +190,5 @@ async def gateway_process(
                 except subprocess.TimeoutExpired:
                     process.kill()
             await asyncio.to_thread(process.wait)
+            with contextlib.suppress(ProcessLookupError):  # workers left behind, if any
+                os.killpg(process.pid, signal.SIGKILL)

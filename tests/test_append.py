@@ -614,3 +614,27 @@ async def test_store_release_lets_a_waiting_repeat_run() -> None:
     assert await waiting is None
     await store.complete("k", b"second run")
     assert await store.claim("k", "fp") == b"second run"
+
+
+async def test_text_utf8_cannot_carry_fails_its_entry_and_a_huge_number_goes_through(
+    gateway: Client, upstream: Upstream
+) -> None:
+    huge = "1" + "0" * 400  # an int JSON allows and floats cannot hold
+    raw = (
+        '{"taskId": "t-odd", "phoneNumbers": ['
+        '{"phoneNumber": "13800138000", "name": "\\udcff"}, "13900139000", '
+        '{"phoneNumber": "13700137000", "params": [{"name": "n", "value": ' + huge + "}]}]}"
+    ).encode()
+    status, body = await post(gateway, KEY_A, raw)
+    assert status == 200
+    assert [r["success"] for r in body["data"]["results"]] == [False, True, True]
+    [sent] = appended(upstream)
+    assert [item["phoneNumber"] for item in sent["list"]] == ["13900139000", "13700137000"]
+    assert sent["list"][1]["params"] == [{"name": "n", "value": int(huge)}]
+
+
+async def test_task_id_utf8_cannot_carry_is_a_400(gateway: Client, upstream: Upstream) -> None:
+    raw = b'{"taskId": "t-\\ud800", "phoneNumbers": ["13800138000"]}'
+    status, body = await post(gateway, KEY_A, raw)
+    assert (status, body["error"]) == (400, "INVALID_FIELD")
+    assert upstream.received == []

@@ -340,3 +340,9 @@ def test_dotenv_never_leaks_into_the_process_environment(tmp_path: Path) -> None
     write(tmp_path / ".env", "NXLINK_TEST_ONLY_VARIABLE=1\nPORT=4321\n")
     assert load_settings({}).port == 4321
     assert "NXLINK_TEST_ONLY_VARIABLE" not in os.environ
+
+
+def test_dotenv_values_are_taken_literally_not_expanded_from_the_process(tmp_path: Path) -> None:
+    env_file = write(tmp_path / ".env", "OPENAPI_ACCESS_SECRET=ab${HOME}cd$x\n")
+    env = read_environment({"ENV_FILE": env_file, "HOME": "/somewhere"})
+    assert env["OPENAPI_ACCESS_SECRET"] == "ab${HOME}cd$x"

@@ -69,7 +69,7 @@ async def test_sigterm_lets_an_in_flight_request_finish_then_exits_zero(
             assert response.status == 200
             assert await response.read() == b"second"
         assert await gateway.wait_exit(timeout=10) == 0
-        assert loop.time() - signalled < 5  # done when the request is, not at the grace's end
+        assert loop.time() - signalled < 9  # done when the request is, not at the grace (10 s)
 
 
 async def test_sigterm_stops_a_request_still_running_when_the_grace_ends(
@@ -92,7 +92,7 @@ async def test_sigterm_stops_a_request_still_running_when_the_grace_ends(
                 with pytest.raises(aiohttp.ClientPayloadError):
                     await response.read()
                 assert await gateway.wait_exit(timeout=5) == 0
-                assert loop.time() - signalled < 3
+                assert loop.time() - signalled < 4.5  # cut at the 0.5 s grace, not left hanging
     finally:
         gate.release.set()
 

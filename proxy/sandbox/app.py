@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -11,7 +10,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from proxy.nxlink import KNOWN_ACTIONS
+from proxy.nxlink import KNOWN_ACTIONS, now_ms
 from proxy.sandbox.verify import MESSAGES, NxlinkCode, Rejection, verify_request
 from proxy.tenants import Credentials
 
@@ -173,11 +172,6 @@ def nxlink_answer(code: NxlinkCode, data: Any = None, detail: str = "") -> web.R
     return web.json_response(body, dumps=lambda v: json.dumps(v, ensure_ascii=False))
 
 
-def now_ms() -> int:
-    """Wall-clock Unix time in milliseconds."""
-    return time.time_ns() // 1_000_000
-
-
 def create_sandbox_app(
     accounts: Iterable[Credentials], *, clock: Callable[[], int] = now_ms
 ) -> web.Application:
@@ -206,7 +200,7 @@ def create_sandbox_app(
                 return nxlink_answer(NxlinkCode.SUCCESS, result)
             except Rejection as exc:
                 return nxlink_answer(exc.code, detail=exc.detail)
-            except (Failure, ValueError) as exc:
+            except (Failure, ValueError, RecursionError) as exc:  # RecursionError: deep JSON
                 return nxlink_answer(NxlinkCode.PARAMETER_ERROR, detail=str(exc))
 
         return handle

@@ -17,15 +17,13 @@ from proxy.config import (
     Secret,
     Settings,
     mask_key,
-    parse_settings,
     process_environ,
-    read_environment,
 )
 from proxy.limits import TenantPolicy
 from proxy.nxlink import now_ms
-from proxy.serve import run_gateway, run_sandbox
+from proxy.serve import load_config, run_gateway, run_sandbox
 from proxy.signing import sign_headers, string_to_sign
-from proxy.tenants import Credentials, Registry, Tenant, hash_key, load_registry
+from proxy.tenants import Credentials, Registry, Tenant, hash_key
 
 logger = logging.getLogger(__name__)
 
@@ -116,22 +114,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _load(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Settings, Registry]:
-    """Settings and tenants, the problems of both gathered into one ``ConfigError``."""
-    env = read_environment(environ, _overrides(args))
-    problems: list[str] = []
-    try:
-        settings = parse_settings(env)
-    except ConfigError as exc:
-        problems += exc.problems
-        # Still load the tenants, so that one run lists every problem.
-        settings = parse_settings({"TENANTS_FILE": env.get("TENANTS_FILE", "")})
-    try:
-        registry = load_registry(env, settings)
-    except ConfigError as exc:
-        raise ConfigError(problems + exc.problems) from None
-    if problems:
-        raise ConfigError(problems)
-    return settings, registry
+    return load_config(environ, _overrides(args))
 
 
 def cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:

@@ -42,12 +42,32 @@ def run(main: Coroutine[Any, Any, None]) -> None:
         runner.run(main)
 
 
+def load_config(
+    environ: Mapping[str, str], overrides: Mapping[str, str]
+) -> tuple[Settings, Registry]:
+    """Settings and tenants, the problems of both gathered into one ``ConfigError``."""
+    env = read_environment(environ, overrides)
+    problems: list[str] = []
+    try:
+        settings = parse_settings(env)
+    except ConfigError as exc:
+        problems += exc.problems
+        # Still load the tenants, so that one run lists every problem.
+        settings = parse_settings({"TENANTS_FILE": env.get("TENANTS_FILE", "")})
+    try:
+        registry = load_registry(env, settings)
+    except ConfigError as exc:
+        raise ConfigError(problems + exc.problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return settings, registry
+
+
 def config_loader(source: ConfigSource) -> Loader:
-    """Re-reads ``.env``, the environment and the tenants file into a new registry."""
+    """Re-reads ``.env``, the environment and the tenants file into a new registry (reload)."""
 
     def load() -> Registry:
-        env = read_environment(*source)
-        registry = load_registry(env, parse_settings(env))
+        _settings, registry = load_config(*source)
         if len(registry) == 0:
             raise ConfigError(["the new configuration has no tenant; refusing to drop them all"])
         return registry

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -59,6 +59,7 @@ def create_app(
     *,
     clock: Callable[[], int] = now_ms,
     reload: Loader | None = None,
+    watch: Sequence[Path] = (),
 ) -> web.Application:
     """The gateway as an aiohttp application; the only way to build one."""
     app = web.Application(
@@ -79,7 +80,8 @@ def create_app(
     app[IDEMPOTENCY] = MemoryIdempotencyStore(ttl=settings.idempotency_ttl)
     app.cleanup_ctx.append(_upstream_lifetime(clock))
     if reload is not None:
-        watched = [p for p in (settings.tenants_file, Path(settings.env_file)) if p is not None]
+        sources = (settings.tenants_file, Path(settings.env_file), *watch)
+        watched = [p for p in sources if p is not None]
         app[RELOADER] = Reloader(app[STATE], reload, watched, app[METRICS])
         app.cleanup_ctx.append(_reload_lifetime)
     _add_routes(app)

@@ -138,6 +138,25 @@ def read_environment(
     environ: Mapping[str, str], overrides: Mapping[str, str] | None = None
 ) -> dict[str, str]:
     """Merge ``.env`` < environment < overrides, then resolve every ``NAME_FILE``."""
+    merged, problems = _merge(environ, overrides)
+    problems += _resolve_file_variables(merged)
+    if problems:
+        raise ConfigError(problems)
+    return merged
+
+
+def secret_files(
+    environ: Mapping[str, str], overrides: Mapping[str, str] | None = None
+) -> list[Path]:
+    """The files ``NAME_FILE`` variables point at (watched for reload, like mounted secrets)."""
+    merged, _problems = _merge(environ, overrides)
+    return [Path(path) for key, path in merged.items() if _is_file_variable(key)]
+
+
+def _merge(
+    environ: Mapping[str, str], overrides: Mapping[str, str] | None
+) -> tuple[dict[str, str], list[str]]:
+    """``.env`` < environment < overrides, ``NAME_FILE`` still unresolved; and what went wrong."""
     overrides = dict(overrides or {})
     env_file = overrides.get("ENV_FILE") or environ.get("ENV_FILE") or DEFAULT_ENV_FILE
     dotenv: dict[str, str] = {}
@@ -159,10 +178,7 @@ def read_environment(
             merged.pop(other, None)
         merged.update(layer)
     merged["ENV_FILE"] = env_file
-    problems += _resolve_file_variables(merged)
-    if problems:
-        raise ConfigError(problems)
-    return merged
+    return merged, problems
 
 
 def _resolve_file_variables(env: dict[str, str]) -> list[str]:

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from proxy.app import create_app
 from proxy.appkeys import RELOADER, STATE
-from proxy.config import ConfigError, Settings, parse_settings, read_environment
+from proxy.config import ConfigError, Settings, parse_settings, read_environment, secret_files
 from proxy.logs import AccessLogger, setup_logging
 from proxy.reload import Loader
 from proxy.sandbox import create_sandbox_app
@@ -78,20 +78,20 @@ def config_loader(source: ConfigSource) -> Loader:
 def run_gateway(settings: Settings, registry: Registry, *, source: ConfigSource, demo: bool) -> int:
     """Serve until SIGTERM/SIGINT, then drain for up to ``SHUTDOWN_GRACE`` seconds."""
     setup_logging(settings.log_level)
-    load = None if demo else config_loader(source)
+    reloadable = None if demo else source
     if settings.workers > 1 and not demo:
-        return _supervise(settings, registry, load)
+        return _supervise(settings, registry, reloadable)
     if settings.workers > 1:
         logger.warning("demo mode runs one worker: the sandbox keeps its state in memory")
-    run(_serve(settings, registry, demo=demo, load=load))
+    run(_serve(settings, registry, demo=demo, source=reloadable))
     return 0
 
 
-def _supervise(settings: Settings, registry: Registry, load: Loader | None) -> int:
+def _supervise(settings: Settings, registry: Registry, source: ConfigSource | None) -> int:
     """Fork WORKERS processes sharing the port (SO_REUSEPORT); relay signals; wait for all."""
     context = multiprocessing.get_context("fork")
     workers = [
-        context.Process(target=_worker, args=(settings, registry, load), name=f"worker-{n}")
+        context.Process(target=_worker, args=(settings, registry, source), name=f"worker-{n}")
         for n in range(settings.workers)
     ]
     for worker in workers:
@@ -120,8 +120,8 @@ def _exit_status(code: int | None) -> int:
     return 0 if -code in (signal.SIGTERM, signal.SIGINT) else 128 - code
 
 
-def _worker(settings: Settings, registry: Registry, load: Loader | None) -> None:
-    run(_serve(settings, registry, demo=False, load=load, reuse_port=True))
+def _worker(settings: Settings, registry: Registry, source: ConfigSource | None) -> None:
+    run(_serve(settings, registry, demo=False, source=source, reuse_port=True))
 
 
 def run_sandbox(host: str, port: int, accounts: Iterable[Credentials]) -> None:
@@ -164,7 +164,7 @@ async def _serve(
     registry: Registry,
     *,
     demo: bool,
-    load: Loader | None,
+    source: ConfigSource | None,
     reuse_port: bool = False,
 ) -> None:
     stop = _stop_event()
@@ -173,7 +173,9 @@ async def _serve(
             sandbox = await start_site(create_sandbox_app(_demo_accounts()), LOOPBACK, 0)
             started.push_async_callback(sandbox.cleanup)
             registry = demo_registry(f"http://{LOOPBACK}:{bound_port(sandbox)}")
-        await _serve_until(stop, settings, registry, demo=demo, load=load, reuse_port=reuse_port)
+        await _serve_until(
+            stop, settings, registry, demo=demo, source=source, reuse_port=reuse_port
+        )
 
 
 async def _serve_until(
@@ -182,10 +184,15 @@ async def _serve_until(
     registry: Registry,
     *,
     demo: bool,
-    load: Loader | None,
+    source: ConfigSource | None,
     reuse_port: bool,
 ) -> None:
-    app = create_app(settings, registry, reload=load)
+    if source is None:  # demo mode: nothing to reload
+        app = create_app(settings, registry)
+    else:
+        # Mounted secrets (NAME_FILE) are watched too: a rotated secret file reloads itself.
+        watch = secret_files(*source)
+        app = create_app(settings, registry, reload=config_loader(source), watch=watch)
     if RELOADER in app:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, app[RELOADER].request)
     runner = await start_site(

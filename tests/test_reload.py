@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import create_app
 from proxy.appkeys import METRICS, RELOADER, STATE, TENANT, GatewayState
-from proxy.config import ConfigError, Secret, parse_settings, read_environment
+from proxy.config import ConfigError, Secret, parse_settings, read_environment, secret_files
 from proxy.metrics import Metrics
 from proxy.reload import Loader, Reloader, file_stamp
 from proxy.serve import config_loader
@@ -459,3 +460,35 @@ async def test_running_gateway_picks_up_a_changed_tenants_file_without_a_signal(
         await eventually(rotated, what="the poller to load the new key", timeout=8)
         assert await status_of(session, gateway.url, KEY_A) == 403
         assert gateway.count_logged("configuration reloaded (file change)") == 1
+
+
+async def test_a_rotated_secret_file_reloads_by_itself(tmp_path: Path, upstream: Upstream) -> None:
+    secret = tmp_path / "secret-a"
+    secret.write_text(CREDS_A.access_secret.reveal() + "\n", encoding="utf-8")
+    environ = {
+        "ENV_FILE": os.devnull,
+        "EXTERNAL_API_KEY_1": KEY_A,
+        "EXTERNAL_API_KEY_1_OPENAPI_ACCESS_KEY": CREDS_A.access_key,
+        "EXTERNAL_API_KEY_1_OPENAPI_ACCESS_SECRET_FILE": str(secret),
+        "EXTERNAL_API_KEY_1_OPENAPI_BASE_URL": upstream.base_url,
+    }
+    assert secret_files(environ) == [secret]
+    load = config_loader((environ, {}))
+    app = create_app(
+        parse_settings(read_environment(environ)), load(), reload=load, watch=secret_files(environ)
+    )
+    reloader = app[RELOADER]
+    reloader.interval = 0.02
+    assert secret in reloader.watched
+    task = await watching(reloader)
+    try:
+        secret.write_text("secret-a-ROTATED\n", encoding="utf-8")
+
+        async def rotated() -> bool:
+            match = reloader.state.registry.lookup(KEY_A)
+            creds = match.tenant.credentials if match else None
+            return creds is not None and creds.access_secret == Secret("secret-a-ROTATED")
+
+        await eventually(rotated, what="the rotated secret file to be loaded", timeout=5)
+    finally:
+        await stop(task)

@@ -44,7 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the gateway (default)")
+    _add_serve(commands.add_parser("serve", help="run the gateway (default)"))
+    _config_flags(commands.add_parser("check", help="validate configuration, list the tenants"))
+    _add_sign(commands.add_parser("sign", help="print the signed upstream headers as JSON"))
+    _add_sandbox(commands.add_parser("sandbox", help="run the nxlink emulator alone"))
+    commands.add_parser("keygen", help="print a new random API key and its sha256: hash")
+    return parser
+
+
+def _add_serve(serve: argparse.ArgumentParser) -> None:
     _config_flags(serve)
     serve.add_argument("--host", help="listen address (HOST, default 0.0.0.0)")
     serve.add_argument("--port", help="listen port (PORT, default 8001)")
@@ -55,10 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="with no tenant configured, serve the two demo tenants against an in-process sandbox",
     )
 
-    check = commands.add_parser("check", help="validate configuration and print the tenants")
-    _config_flags(check)
 
-    sign = commands.add_parser("sign", help="print the signed upstream headers as JSON")
+def _add_sign(sign: argparse.ArgumentParser) -> None:
     _config_flags(sign)
     sign.add_argument("--action", required=True, help="nxlink action, e.g. callAppend")
     body = sign.add_mutually_exclusive_group()
@@ -83,13 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also print the string to sign, secret hidden, on stderr",
     )
 
-    sandbox = commands.add_parser("sandbox", help="run the nxlink emulator alone")
+
+def _add_sandbox(sandbox: argparse.ArgumentParser) -> None:
     _config_flags(sandbox)
     sandbox.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     sandbox.add_argument("--port", type=int, default=8002, help="listen port (default 8002)")
-
-    commands.add_parser("keygen", help="print a new random API key and its sha256: hash")
-    return parser
 
 
 def _config_flags(parser: argparse.ArgumentParser) -> None:

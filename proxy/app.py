@@ -45,7 +45,7 @@ from proxy.middleware import (
 from proxy.nxlink import now_ms
 from proxy.reload import Loader, Reloader
 from proxy.tenants import Registry
-from proxy.upstream import UpstreamClient, create_session
+from proxy.upstream import UpstreamClient, create_pool
 
 # Routes answered without an API key.
 PUBLIC_ROUTES: Final = frozenset({"keys", "healthz", "readyz", "metrics"})
@@ -116,9 +116,9 @@ def _upstream_lifetime(
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
-        session = create_session(settings)
+        pool = create_pool(settings)
         app[UPSTREAM] = UpstreamClient(
-            session,
+            pool,
             timeout=settings.upstream_timeout,
             clock=clock,
             observe=app[METRICS].observe_upstream,
@@ -126,7 +126,7 @@ def _upstream_lifetime(
         app[STATE].ready = True
         yield
         app[STATE].ready = False
-        await session.close()
+        await pool.close()
 
     return lifetime
 

@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NotRequired, TypedDict
 
-import aiohttp
 from aiohttp import web
 from yarl import URL
 
@@ -26,6 +25,7 @@ from proxy.appkeys import (
 )
 from proxy.config import mask_key
 from proxy.forwarding import build_upstream_url, read_body
+from proxy.http1 import Response
 from proxy.idempotency import body_digest
 from proxy.numbers import AppendCall, ContactItem, Entry, decode_json, parse_call
 from proxy.nxlink import APPEND_ACTION, APPEND_PATH, SUCCESS_CODES
@@ -110,14 +110,14 @@ class Sender:
             return response.status, None
 
 
-async def _read(response: aiohttp.ClientResponse, timeout: float) -> bytes:
+async def _read(response: Response, timeout: float) -> bytes:
     try:
         async with asyncio.timeout(timeout):
             return await response.read()
     except TimeoutError as exc:
         message = f"Upstream answer did not finish within {timeout:g}s"
         raise errors.UpstreamTimeout(message) from exc
-    except aiohttp.ClientError as exc:
+    except ConnectionError as exc:
         message = f"Upstream answer was cut ({exc.__class__.__name__})"
         raise errors.UpstreamUnavailable(message) from exc
 

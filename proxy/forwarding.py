@@ -13,7 +13,7 @@ from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 from yarl import URL
 
 from proxy.appkeys import (
@@ -27,6 +27,7 @@ from proxy.appkeys import (
     upstream_client,
 )
 from proxy.errors import NotFound, PayloadTooLarge, RequestError
+from proxy.http1 import Response
 from proxy.nxlink import KNOWN_ACTIONS
 from proxy.upstream import LARGE_BODY, StreamFactory, UpstreamRequest
 
@@ -150,13 +151,13 @@ def filter_request_headers(headers: CIMultiDictProxy[str], *, streamed: bool) ->
     return kept
 
 
-def filter_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def filter_response_headers(headers: MultiMapping[str]) -> CIMultiDict[str]:
     """Upstream response headers minus hop-by-hop ones and cookies."""
     dropped = RESPONSE_DROP | _connection_tokens(headers)
     return CIMultiDict([(n, v) for n, v in headers.items() if n.lower() not in dropped])
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+def _connection_tokens(headers: MultiMapping[str]) -> frozenset[str]:
     """Header names listed in ``Connection`` (hop-by-hop by declaration)."""
     if "Connection" not in headers:
         return frozenset()
@@ -211,11 +212,14 @@ def stream_body(request: web.Request, limit: int) -> StreamFactory:
 
     async def chunks() -> AsyncIterator[bytes]:
         size = 0
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"Upload exceeds {limit} bytes")
-            yield chunk
+        try:
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"Upload exceeds {limit} bytes")
+                yield chunk
+        except (ConnectionError, aiohttp.ClientPayloadError) as exc:
+            raise RequestError("Request body was cut off", error="INCOMPLETE_BODY") from exc
 
     return chunks
 
@@ -253,24 +257,26 @@ def _server_timing(started: float, sent: float, answered: float) -> str:
     return f"gateway;dur={gateway_ms:.2f}, upstream;dur={upstream_ms:.2f}"
 
 
-async def stream_back(
-    request: web.Request, answer: aiohttp.ClientResponse, timing: str
-) -> web.StreamResponse:
+async def stream_back(request: web.Request, answer: Response, timing: str) -> web.StreamResponse:
     """Copy the upstream status, end-to-end headers and body to the client as it arrives."""
-    response = web.StreamResponse(
-        status=answer.status, reason=answer.reason, headers=filter_response_headers(answer.headers)
-    )
-    response.headers["X-Request-Id"] = request[REQUEST_ID]
-    response.headers["Server-Timing"] = timing
+    headers = filter_response_headers(answer.headers)
+    headers["X-Request-Id"] = request[REQUEST_ID]
+    headers["Server-Timing"] = timing
     request[UPSTREAM_STATUS] = answer.status
+    body = answer.body_if_complete()
+    if body is not None and request.method != "HEAD":
+        # The whole answer is here already (most nxlink answers): one write, one response.
+        request[RESPONSE_STARTED] = True
+        return web.Response(status=answer.status, reason=answer.reason, body=body, headers=headers)
+    response = web.StreamResponse(status=answer.status, reason=answer.reason, headers=headers)
     await response.prepare(request)
     request[RESPONSE_STARTED] = True
     sent = 0
     try:
-        async for chunk in answer.content.iter_any():
+        async for chunk in answer.iter_chunks():
             await response.write(chunk)
             sent += len(chunk)
-    except (aiohttp.ClientError, OSError) as exc:
+    except ConnectionError as exc:
         # Headers are gone already: no envelope is possible, so drop the connection.
         logger.warning("response stream cut after %d bytes: %s", sent, exc.__class__.__name__)
         raise

@@ -1,0 +1,485 @@
+"""The upstream HTTP/1.1 client: pooled keep-alive connections, httptools parsing, both bodies
+streamed with flow control.
+
+aiohttp's ClientSession spends most of a forward on per-request machinery the gateway does not
+use (cookies, redirects, tracing, decompression, auto headers); measured under ``make bench`` it
+was the largest single cost. This client keeps only what a signed forward needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Final, NamedTuple, cast
+
+import httptools
+from multidict import CIMultiDict
+from yarl import URL
+
+HIGH_WATER: Final = 512 * 1024  # response bytes buffered before reading from nxlink pauses
+LOW_WATER: Final = 128 * 1024
+KEEPALIVE: Final = 15.0  # idle seconds a pooled connection is kept (servers allow 60-75)
+BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
+DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+BodyStream = AsyncIterator[bytes]
+Origin = tuple[str, str, int]
+
+
+class ConnectFailed(ConnectionError):
+    """No connection could be made: nothing was sent, so the request may be tried again."""
+
+
+class ResponseBroken(ConnectionError):
+    """The connection failed or nxlink sent something that is not HTTP/1.1 after the request
+    was (partly) sent."""
+
+
+class Response:
+    """One upstream answer: status and headers first, then the body as it arrives."""
+
+    __slots__ = (
+        "status",
+        "reason",
+        "headers",
+        "_connection",
+        "_chunks",
+        "_buffered",
+        "_waiter",
+        "_complete",
+        "_error",
+        "_released",
+    )
+
+    def __init__(
+        self, connection: _Connection, status: int, reason: str, headers: CIMultiDict[str]
+    ):
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self._connection = connection
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._complete = False
+        self._error: BaseException | None = None
+        self._released = False
+
+    @property
+    def complete(self) -> bool:
+        """True once the whole body has arrived."""
+        return self._complete
+
+    def body_if_complete(self) -> bytes | None:
+        """The whole body when it has already arrived (small answers), else None."""
+        if not self._complete:
+            return None
+        body = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        return body
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        """The body in the pieces it arrives in; ConnectionError if it is cut short."""
+        while True:
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                self._buffered -= len(chunk)
+                if self._buffered <= LOW_WATER:
+                    self._connection.resume_reading()
+                yield chunk
+            elif self._error is not None:
+                raise self._error
+            elif self._complete:
+                return
+            else:
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        return b"".join([chunk async for chunk in self.iter_chunks()])
+
+    def release(self) -> None:
+        """Hand the connection back to the pool if it is clean, else close it."""
+        if not self._released:
+            self._released = True
+            self._connection.finished(self)
+
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > HIGH_WATER:
+            self._connection.pause_reading()
+        self._wake()
+
+    def _finish(self) -> None:
+        self._complete = True
+        self._wake()
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self._complete and self._error is None:
+            self._error = exc
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; at most one request on it at a time."""
+
+    def __init__(self, pool: Pool, origin: Origin):
+        self.pool = pool
+        self.origin = origin
+        self.closed = False
+        self.idle_since = 0.0
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._reading_paused = False
+        self._writing_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._head: asyncio.Future[Response] | None = None
+        self._response: Response | None = None
+        self._reason = b""
+        self._headers: list[tuple[str, str]] = []
+        self._no_body = False  # the answer to HEAD: headers only, whatever they announce
+        self._keep_alive = False  # read at the headers: llhttp resets it once a message ends
+        self._writer: asyncio.Task[None] | None = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            # An upgrade (101) is refused too: the gateway never asks for one.
+            self._broken(ResponseBroken(f"Malformed answer from upstream ({exc!r})"))
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost settles the response
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(ResponseBroken("Upstream closed the connection"))
+        response = self._response
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(ResponseBroken("Upstream closed the connection"))
+        elif response is not None and not response.complete:
+            if exc is None and self._reads_until_close():
+                response._finish()
+            else:
+                response._fail(ResponseBroken("Upstream closed the connection mid-answer"))
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    # httptools callbacks
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append(
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        )
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:  # an interim answer (100 Continue): the real one follows
+            self._reason, self._headers = b"", []
+            return
+        reason = self._reason.decode("latin-1")
+        self._keep_alive = self._parser.should_keep_alive()
+        response = Response(self, status, reason, CIMultiDict(self._headers))
+        self._response, self._reason, self._headers = response, b"", []
+        if self._head is not None and not self._head.done():
+            self._head.set_result(response)
+        if self._no_body:
+            response._finish()
+
+    def on_body(self, body: bytes) -> None:
+        if self._response is not None and not self._no_body:
+            self._response._feed(body)
+
+    def on_message_complete(self) -> None:
+        if self._response is not None:
+            self._response._finish()
+
+    # used by Pool and Response
+
+    async def send(
+        self, method: str, head: Head, body: bytes | None, stream: BodyStream | None
+    ) -> Response:
+        """Write the request and wait for the answer's status and headers."""
+        assert self._transport is not None
+        loop = asyncio.get_running_loop()
+        self._no_body = method == "HEAD"
+        self._keep_alive = False
+        self._head = loop.create_future()
+        self._response = None
+        if stream is None:
+            self._transport.write(head.data + body if body else head.data)
+            return await self._head
+        self._transport.write(head.data)
+        self._writer = loop.create_task(self._write_stream(stream, head.chunked))
+        await asyncio.wait((self._head, self._writer), return_when=asyncio.FIRST_COMPLETED)
+        failed = self._writer.exception() if self._writer.done() else None
+        if failed is not None:  # the client's body broke or was refused before any answer
+            self._head.cancel()
+            self.close()
+            raise failed
+        return await self._head
+
+    async def _write_stream(self, stream: BodyStream, chunked: bool) -> None:
+        assert self._transport is not None
+        async for chunk in stream:
+            if not chunk:
+                continue
+            if chunked:
+                self._transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            else:
+                self._transport.write(chunk)
+            if self._writing_paused:
+                await self._drained()
+        if chunked:
+            self._transport.write(b"0\r\n\r\n")
+
+    async def _drained(self) -> None:
+        if self.closed:
+            raise ResponseBroken("Upstream closed the connection")
+        self._drain = asyncio.get_running_loop().create_future()
+        try:
+            await self._drain
+        finally:
+            self._drain = None
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self._transport is not None:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self._transport is not None:
+            self._reading_paused = False
+            self._transport.resume_reading()
+
+    def finished(self, response: Response) -> None:
+        """The caller is done with ``response``: back to the pool, or closed."""
+        clean = (
+            self._stop_writer()
+            and response.complete
+            and not self._no_body
+            and not self.closed
+            and self._keep_alive
+        )
+        self._response, self._head = None, None
+        self.resume_reading()
+        if clean:
+            self.pool.put(self)
+        else:
+            self.close()
+        self.pool.release_slot()
+
+    def close(self) -> None:
+        self.closed = True
+        self._stop_writer()
+        if self._transport is not None:
+            self._transport.close()
+
+    def _stop_writer(self) -> bool:
+        """Stop a body upload still running; True if there was none or it ended well."""
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return True
+        if not writer.done():
+            writer.cancel()
+            return False
+        return not writer.cancelled() and writer.exception() is None
+
+    def _broken(self, exc: ResponseBroken) -> None:
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(exc)
+        elif self._response is not None:
+            self._response._fail(exc)
+        self.close()
+
+    def _reads_until_close(self) -> bool:
+        """An answer not framed by chunking or a length ends when the connection does
+        (RFC 9112 6.3: a Transfer-Encoding other than chunked outranks Content-Length)."""
+        assert self._response is not None
+        headers = self._response.headers
+        codings = headers.get("Transfer-Encoding")
+        if codings is None:
+            return "Content-Length" not in headers
+        return codings.rsplit(",", 1)[-1].strip().lower() != "chunked"
+
+
+class Pool:
+    """Keep-alive connections per origin, at most ``limit`` busy at once."""
+
+    def __init__(
+        self,
+        *,
+        limit: int,
+        connect_timeout: float,
+        keepalive: float = KEEPALIVE,
+        ssl_context: ssl.SSLContext | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.connect_timeout = connect_timeout
+        self.keepalive = keepalive
+        self._ssl = ssl_context
+        self._clock = clock
+        self._slots = asyncio.Semaphore(limit)
+        self._idle: dict[Origin, list[_Connection]] = {}
+        self._open: set[_Connection] = set()
+
+    async def request(
+        self,
+        method: str,
+        url: URL,
+        headers: Iterable[tuple[str, str]],
+        *,
+        body: bytes | None = None,
+        stream: BodyStream | None = None,
+    ) -> Response:
+        """Send one request; the caller must ``release()`` the response it gets."""
+        origin = _origin(url)
+        head = _head(method, url, headers, body, stream)
+        await self._slots.acquire()
+        try:
+            connection = self._idle_connection(origin) or await self._connect(origin)
+            try:
+                return await connection.send(method, head, body, stream)
+            except BaseException:
+                connection.close()
+                raise
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def put(self, connection: _Connection) -> None:
+        connection.idle_since = self._clock()
+        self._idle.setdefault(connection.origin, []).append(connection)
+
+    def release_slot(self) -> None:
+        self._slots.release()
+
+    def forget(self, connection: _Connection) -> None:
+        self._open.discard(connection)
+
+    async def close(self) -> None:
+        """Close every connection, idle or not."""
+        for connection in list(self._open):
+            connection.close()
+        self._open.clear()
+        self._idle.clear()
+
+    def _idle_connection(self, origin: Origin) -> _Connection | None:
+        idle = self._idle.get(origin)
+        deadline = self._clock() - self.keepalive
+        while idle:
+            connection = idle.pop()  # the most recent: the least likely to be closed
+            if not connection.closed and connection.idle_since >= deadline:
+                return connection
+            connection.close()
+        return None
+
+    async def _connect(self, origin: Origin) -> _Connection:
+        scheme, host, port = origin
+        loop = asyncio.get_running_loop()
+        tls = None
+        if scheme == "https":
+            tls = self._ssl or _default_ssl()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(self, origin),
+                    host,
+                    port,
+                    ssl=tls,
+                    server_hostname=host if tls else None,
+                )
+        except (OSError, TimeoutError) as exc:
+            kind = "timed out" if isinstance(exc, TimeoutError) else exc.__class__.__name__
+            raise ConnectFailed(f"Cannot connect to {host}:{port} ({kind})") from exc
+        self._open.add(connection)
+        return connection
+
+
+def _origin(url: URL) -> Origin:
+    scheme = url.scheme
+    if scheme not in DEFAULT_PORTS or not url.raw_host:
+        raise ValueError(f"Unsupported upstream URL scheme or host: {scheme}")
+    return scheme, url.raw_host, url.port or DEFAULT_PORTS[scheme]
+
+
+class Head(NamedTuple):
+    """A serialised request head, and whether the body that follows is chunked."""
+
+    data: bytes
+    chunked: bool
+
+
+def _head(
+    method: str,
+    url: URL,
+    headers: Iterable[tuple[str, str]],
+    body: bytes | None,
+    stream: BodyStream | None,
+) -> Head:
+    """The request line and headers, ``Host`` from the URL and the body's framing added."""
+    host = url.raw_host or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if url.port is not None and url.port != DEFAULT_PORTS.get(url.scheme):
+        host = f"{host}:{url.port}"
+    lines = [f"{method} {url.raw_path_qs} HTTP/1.1", f"Host: {host}"]
+    has_length = False
+    for name, value in headers:
+        if name.lower() == "content-length":  # kept only for a stream: it cannot be counted
+            if stream is None:
+                continue
+            has_length = True
+        lines.append(f"{name}: {value}")
+    chunked = stream is not None and not has_length
+    if chunked:
+        lines.append("Transfer-Encoding: chunked")
+    elif stream is None and (body or method in BODY_METHODS):
+        lines.append(f"Content-Length: {len(body) if body else 0}")
+    text = "\r\n".join(lines)
+    if text.count("\n") != len(lines) - 1 or text.count("\r") != len(lines) - 1:
+        raise ValueError("A request header holds a line break")
+    return Head((text + "\r\n\r\n").encode("utf-8", "surrogateescape"), chunked)
+
+
+_DEFAULT_SSL: ssl.SSLContext | None = None
+
+
+def _default_ssl() -> ssl.SSLContext:
+    global _DEFAULT_SSL  # one context per process: building one loads the CA store
+    if _DEFAULT_SSL is None:
+        _DEFAULT_SSL = ssl.create_default_context()
+    return _DEFAULT_SSL

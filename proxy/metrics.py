@@ -38,9 +38,11 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.in_flight = Gauge(
+        # A plain int bumped per request, read when scraped (a Gauge takes a lock per change).
+        self.in_flight = 0
+        Gauge(
             f"{PREFIX}_in_flight_requests", "Requests being served", registry=self.registry
-        )
+        ).set_function(lambda: self.in_flight)
         self.limited = Counter(
             f"{PREFIX}_limited",
             "Requests refused by a per-tenant limit",

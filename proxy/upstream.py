@@ -7,7 +7,6 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Final
 
@@ -67,24 +66,25 @@ class UpstreamClient:
         self.clock = clock
         self.observe = observe
 
-    @asynccontextmanager
-    async def open(self, request: UpstreamRequest) -> AsyncIterator[Response]:
-        """Send ``request`` and yield the response once its headers arrived.
+    def open(self, request: UpstreamRequest) -> Exchange:
+        """``async with client.open(request) as response``: the response once its headers
+        arrived, released on the way out.
 
         UPSTREAM_TIMEOUT bounds the wait for the headers; a body may then take as long as it
         needs (an idle stream is not an error)."""
+        return Exchange(self, request)
+
+    async def send(self, request: UpstreamRequest) -> Response:
+        """The response once its headers arrived; the caller must ``release()`` it."""
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout):
                 response = await self._send_with_retries(request)
         except TimeoutError as exc:
             raise UpstreamTimeout(f"Upstream did not answer within {self.timeout:g}s") from exc
-        try:
-            if self.observe is not None:
-                self.observe(request.tenant, time.perf_counter() - started)
-            yield response
-        finally:
-            response.release()
+        if self.observe is not None:
+            self.observe(request.tenant, time.perf_counter() - started)
+        return response
 
     async def _send_with_retries(self, request: UpstreamRequest) -> Response:
         for attempt in range(1, MAX_ATTEMPTS + 1):
@@ -119,6 +119,26 @@ class UpstreamClient:
         return await self.pool.request(
             request.method, request.url, headers, body=request.body, stream=stream
         )
+
+
+class Exchange:
+    """One request's response as an async context manager (a class: it runs on every forward,
+    and a generator-based one costs several calls more)."""
+
+    __slots__ = ("client", "request", "response")
+
+    def __init__(self, client: UpstreamClient, request: UpstreamRequest):
+        self.client = client
+        self.request = request
+        self.response: Response | None = None
+
+    async def __aenter__(self) -> Response:
+        self.response = await self.client.send(self.request)
+        return self.response
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self.response is not None:
+            self.response.release()
 
 
 def json_headers(extra: Mapping[str, str] | None = None) -> CIMultiDict[str]:

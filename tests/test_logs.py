@@ -187,6 +187,13 @@ def test_setup_logging_sends_every_logger_to_stdout_as_json(
     assert err == ""
 
 
+def test_formatter_falls_back_for_what_orjson_refuses() -> None:
+    # A lone surrogate (undecodable input echoed in a message) and an int past 64 bits.
+    line = JsonFormatter().format(record("odd", text="bad \udcff byte", big=2**70))
+    parsed = json.loads(line)
+    assert (parsed["text"], parsed["big"]) == ("bad \udcff byte", 2**70)
+
+
 # --- access lines ----------------------------------------------------------------------------
 
 
@@ -309,3 +316,57 @@ async def test_no_secret_or_full_key_reaches_a_running_gateways_output(
     assert set(sent) <= access
     assert leaks(gateway.stdout()) == []
     assert leaks(gateway.stderr()) == []
+
+
+class Collecting(logging.Handler):
+    """Keeps the records it gets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def test_direct_access_line_is_the_line_the_record_would_give(
+    logged_gateway: Client,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    restore_root_logger: None,
+) -> None:
+    """With only setup_logging's handler, access lines skip the LogRecord: same text."""
+    setup_logging("info")
+    root = logging.getLogger()
+    made: list[logging.LogRecord] = []
+    make_record = logging.Logger.makeRecord
+
+    def counting(self: logging.Logger, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        made.append(make_record(self, *args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(logging.Logger, "makeRecord", counting)
+    headers = {"x-api-key": KEY_A, "X-Request-Id": "req-direct", "Content-Type": "text/json"}
+    response = await logged_gateway.post(TASK_LIST, data=b"{}", headers=headers)
+    assert response.status == 200
+    await response.read()
+    direct = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    [line] = [x for x in direct if x["logger"] == "aiohttp.access" and "duration_ms" in x]
+    assert not [r for r in made if "duration_ms" in r.__dict__]  # no record was built
+
+    spy = Collecting()  # a second handler: records are needed again
+    root.addHandler(spy)
+    headers["X-Request-Id"] = "req-record"
+    response = await logged_gateway.post(TASK_LIST, data=b"{}", headers=headers)
+    await response.read()
+    via_record = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    [other] = [x for x in via_record if x["logger"] == "aiohttp.access" and "duration_ms" in x]
+    assert [r.__dict__["request_id"] for r in spy.records if "duration_ms" in r.__dict__] == [
+        "req-record"
+    ]
+
+    assert list(line) == list(other)  # the same fields in the same order
+    for varying in ("time", "request_id", "duration_ms"):
+        line.pop(varying), other.pop(varying)
+    assert line == other
+    assert line["message"] == f"POST {TASK_LIST} 200" and line["level"] == "info"

@@ -98,7 +98,7 @@ class Sender:
         return [_result(item, reason, summary) for item in batch.items]
 
     async def _exchange(self, body: bytes) -> tuple[int, object]:
-        headers = json_headers({"X-Request-Id": self.request_id})
+        headers = json_headers(self.request_id)
         request = UpstreamRequest(
             "POST", self.url, headers, APPEND_ACTION, self.credentials, body, tenant=self.tenant
         )

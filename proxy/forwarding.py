@@ -7,13 +7,13 @@ import functools
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Final
 from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.appkeys import (
@@ -136,32 +136,33 @@ def _base_parts(base_url: str) -> tuple[tuple[str, str | None, int | None], str]
     return (base.scheme, base.host, base.port), base.path.rstrip("/") + "/openapi/"
 
 
-def filter_request_headers(headers: CIMultiDictProxy[str], *, streamed: bool) -> CIMultiDict[str]:
+def filter_request_headers(
+    headers: CIMultiDictProxy[str], *, streamed: bool
+) -> list[tuple[str, str]]:
     """End-to-end client headers minus credentials, forwarding and hop-by-hop ones."""
-    dropped = REQUEST_DROP | _connection_tokens(headers)
-    kept = CIMultiDict(
-        [
-            (name, value)
-            for name, value in headers.items()
-            if (lower := name.lower()) not in dropped and not lower.startswith(FORWARDED_PREFIX)
-        ]
-    )
+    dropped = REQUEST_DROP | _connection_tokens(headers.getall("Connection", ()))
+    kept = [
+        (name, value)
+        for name, value in headers.items()
+        if (lower := name.lower()) not in dropped and not lower.startswith(FORWARDED_PREFIX)
+    ]
     if streamed and "Content-Length" in headers and "Content-Encoding" not in headers:
-        kept["Content-Length"] = headers["Content-Length"]
+        kept.append(("Content-Length", headers["Content-Length"]))
     return kept
 
 
-def filter_response_headers(headers: MultiMapping[str]) -> CIMultiDict[str]:
+def filter_response_headers(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     """Upstream response headers minus hop-by-hop ones and cookies."""
-    dropped = RESPONSE_DROP | _connection_tokens(headers)
-    return CIMultiDict([(n, v) for n, v in headers.items() if n.lower() not in dropped])
+    listed = [value for name, value in headers if name.lower() == "connection"]
+    dropped = RESPONSE_DROP | _connection_tokens(listed)
+    return [(name, value) for name, value in headers if name.lower() not in dropped]
 
 
-def _connection_tokens(headers: MultiMapping[str]) -> frozenset[str]:
+def _connection_tokens(values: Iterable[str]) -> frozenset[str]:
     """Header names listed in ``Connection`` (hop-by-hop by declaration)."""
-    if "Connection" not in headers:
+    tokens = ",".join(values)
+    if not tokens:
         return frozenset()
-    tokens = ",".join(headers.getall("Connection"))
     return frozenset(t.strip().lower() for t in tokens.split(",") if t.strip())
 
 
@@ -242,7 +243,7 @@ async def handle_forward(request: web.Request) -> web.StreamResponse:
     )
     streamed = is_multipart(request)
     headers = filter_request_headers(request.headers, streamed=streamed)
-    headers["X-Request-Id"] = request[REQUEST_ID]
+    headers.append(("X-Request-Id", request[REQUEST_ID]))
     body, stream = None, None
     if streamed:
         stream = stream_body(request, settings.max_upload_bytes)
@@ -265,7 +266,7 @@ def _server_timing(started: float, sent: float, answered: float) -> str:
 
 async def stream_back(request: web.Request, answer: Response, timing: str) -> web.StreamResponse:
     """Copy the upstream status, end-to-end headers and body to the client as it arrives."""
-    headers = filter_response_headers(answer.headers)
+    headers = CIMultiDict(filter_response_headers(answer.raw_headers))
     headers["X-Request-Id"] = request[REQUEST_ID]
     headers["Server-Timing"] = timing
     request[UPSTREAM_STATUS] = answer.status

@@ -45,7 +45,8 @@ class Response:
     __slots__ = (
         "status",
         "reason",
-        "headers",
+        "raw_headers",
+        "_headers",
         "_connection",
         "_chunks",
         "_buffered",
@@ -56,11 +57,12 @@ class Response:
     )
 
     def __init__(
-        self, connection: _Connection, status: int, reason: str, headers: CIMultiDict[str]
+        self, connection: _Connection, status: int, reason: str, headers: list[tuple[str, str]]
     ):
         self.status = status
         self.reason = reason
-        self.headers = headers
+        self.raw_headers = headers  # as received, in order
+        self._headers: CIMultiDict[str] | None = None
         self._connection = connection
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
@@ -68,6 +70,13 @@ class Response:
         self._complete = False
         self._error: BaseException | None = None
         self._released = False
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        """The headers as a case-insensitive multidict (built on first use)."""
+        if self._headers is None:
+            self._headers = CIMultiDict(self.raw_headers)
+        return self._headers
 
     @property
     def complete(self) -> bool:
@@ -212,7 +221,7 @@ class _Connection(asyncio.Protocol):
             return
         reason = self._reason.decode("latin-1")
         self._keep_alive = self._parser.should_keep_alive()
-        response = Response(self, status, reason, CIMultiDict(self._headers))
+        response = Response(self, status, reason, self._headers)
         self._response, self._reason, self._headers = response, b"", []
         if self._head is not None and not self._head.done():
             self._head.set_result(response)

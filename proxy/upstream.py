@@ -6,11 +6,10 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Final
 
-from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.config import Settings
@@ -34,7 +33,7 @@ class UpstreamRequest:
 
     method: str
     url: URL
-    headers: CIMultiDict[str]
+    headers: list[tuple[str, str]]
     action: str
     credentials: Credentials
     body: bytes | None = None
@@ -114,7 +113,7 @@ class UpstreamClient:
         else:
             signed = sign_headers(*args, multipart=multipart)
         # The request's headers never hold the signed names (forwarding drops them).
-        headers = itertools.chain(request.headers.items(), signed.items())
+        headers = itertools.chain(request.headers, signed.items())
         stream = request.stream() if request.stream is not None else None
         return await self.pool.request(
             request.method, request.url, headers, body=request.body, stream=stream
@@ -141,8 +140,10 @@ class Exchange:
             self.response.release()
 
 
-def json_headers(extra: Mapping[str, str] | None = None) -> CIMultiDict[str]:
+def json_headers(request_id: str) -> list[tuple[str, str]]:
     """Headers for a gateway-built JSON call (append-numbers)."""
-    headers = CIMultiDict({"Content-Type": "application/json", "Accept": "application/json"})
-    headers.update(extra or {})
-    return headers
+    return [
+        ("Content-Type", "application/json"),
+        ("Accept", "application/json"),
+        ("X-Request-Id", request_id),
+    ]

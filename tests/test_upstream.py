@@ -13,7 +13,6 @@ from typing import Final
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable
@@ -123,7 +122,7 @@ def task_list_request(
     return UpstreamRequest(
         "POST",
         URL(f"http://127.0.0.1:{port}{path}"),
-        CIMultiDict(given),
+        list(given.items()),
         "pageCallTaskInfo",
         CREDS_A,
         body=None if stream else BODY,

@@ -76,19 +76,19 @@ class UpstreamClient:
     async def send(self, request: UpstreamRequest) -> Response:
         """The response once its headers arrived; the caller must ``release()`` it."""
         started = time.perf_counter()
+        deadline = asyncio.get_running_loop().time() + self.timeout
         try:
-            async with asyncio.timeout(self.timeout):
-                response = await self._send_with_retries(request)
+            response = await self._send_with_retries(request, deadline)
         except TimeoutError as exc:
             raise UpstreamTimeout(f"Upstream did not answer within {self.timeout:g}s") from exc
         if self.observe is not None:
             self.observe(request.tenant, time.perf_counter() - started)
         return response
 
-    async def _send_with_retries(self, request: UpstreamRequest) -> Response:
+    async def _send_with_retries(self, request: UpstreamRequest, deadline: float) -> Response:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
-                return await self._send_once(request)
+                return await self._send_once(request, deadline)
             except ConnectFailed as exc:
                 if attempt == MAX_ATTEMPTS:
                     raise UpstreamUnavailable(
@@ -104,7 +104,7 @@ class UpstreamClient:
                 ) from exc
         raise AssertionError("unreachable")
 
-    async def _send_once(self, request: UpstreamRequest) -> Response:
+    async def _send_once(self, request: UpstreamRequest, deadline: float) -> Response:
         multipart = request.stream is not None
         args = (request.credentials, request.action, request.body, self.clock())
         if request.body is not None and len(request.body) > LARGE_BODY:
@@ -116,7 +116,12 @@ class UpstreamClient:
         headers = itertools.chain(request.headers, signed.items())
         stream = request.stream() if request.stream is not None else None
         return await self.pool.request(
-            request.method, request.url, headers, body=request.body, stream=stream
+            request.method,
+            request.url,
+            headers,
+            body=request.body,
+            stream=stream,
+            deadline=deadline,
         )
 
 

@@ -989,3 +989,57 @@ async def test_unexpected_upgrade_answer_fails_without_an_asyncio_fatal_error(
             with pytest.raises(ResponseBroken):
                 await pool.request("GET", server.url(), [])
     assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+
+
+# The deadline: waiting for a slot, connecting and the answer's head, all against one clock
+
+
+def after(seconds: float) -> float:
+    """A deadline ``seconds`` from now in loop time."""
+    return asyncio.get_running_loop().time() + seconds
+
+
+async def test_no_head_before_the_deadline_is_timeout_and_the_connection_dropped(
+    make_pool: MakePool, raw_server: StartRaw
+) -> None:
+    pool = make_pool(limit=1)
+    server = await raw_server(answer(OK))
+    # Half a head at once, the rest a second later: the head is not complete by the deadline.
+    slow = await raw_server(answer(b"HTTP/1.1 200 OK\r\n", b"Content-Length: 2\r\n\r\nok", pause=1))
+    started = time.monotonic()
+    async with asyncio.timeout(LIMIT):
+        with pytest.raises(TimeoutError):
+            await pool.request("GET", slow.url(), [], deadline=after(0.2))
+        assert 0.2 <= time.monotonic() - started < 0.9
+        await eventually(lambda: slow.closed_by_client == [0])  # a late head must not be read
+        assert await call(pool, "GET", server.url()) == (200, b"ok")  # the slot came back
+
+
+async def test_waiting_for_a_free_slot_counts_against_the_deadline(
+    make_pool: MakePool, raw_server: StartRaw
+) -> None:
+    pool = make_pool(limit=1)
+    server = await raw_server(answer(OK))
+    async with asyncio.timeout(LIMIT):
+        held = await pool.request("GET", server.url("/held"), [])
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await pool.request("GET", server.url("/late"), [], deadline=after(0.2))
+        assert 0.2 <= time.monotonic() - started < 0.9
+        held.release()
+        assert await call(pool, "GET", server.url("/next")) == (200, b"ok")
+    assert [r.head.split(b" ")[1] for r in server.requests] == [b"/held", b"/next"]
+
+
+async def test_deadline_before_the_connect_timeout_is_timeout_not_connect_failed(
+    make_pool: MakePool, stalled_port: int
+) -> None:
+    pool = make_pool(connect_timeout=5)
+    started = time.monotonic()
+    async with asyncio.timeout(LIMIT):
+        with pytest.raises(TimeoutError) as caught:
+            await pool.request(
+                "GET", URL(f"http://127.0.0.1:{stalled_port}/"), [], deadline=after(0.2)
+            )
+    assert not isinstance(caught.value, ConnectFailed)
+    assert 0.2 <= time.monotonic() - started < 0.9

@@ -14,10 +14,9 @@ from yarl import URL
 
 from proxy import errors
 from proxy.appkeys import (
-    API_KEY,
     IDEMPOTENCY,
-    REQUEST_ID,
     SETTINGS,
+    context,
     current_credentials,
     current_tenant,
     metrics,
@@ -204,7 +203,7 @@ async def append_numbers(request: web.Request, raw: bytes) -> bytes:
     batches = make_batches(call.entries, size)
     url = build_upstream_url(tenant.base_url, APPEND_PATH, "")
     client = upstream_client(request)
-    sender = Sender(client, url, credentials, request[REQUEST_ID], call, tenant.alias)
+    sender = Sender(client, url, credentials, context(request).request_id, call, tenant.alias)
     outcomes = await run_batches(sender.send, batches, settings.append_concurrency)
     results = collect(call.entries, batches, outcomes)
     failed = sum(1 for r in results if not r["success"])
@@ -212,7 +211,7 @@ async def append_numbers(request: web.Request, raw: bytes) -> bytes:
     counter.labels(tenant.alias, "success").inc(len(results) - failed)
     counter.labels(tenant.alias, "failure").inc(failed)
     logger.info("append-numbers for %s: %d batches, %d failed", tenant.alias, len(batches), failed)
-    return answer_body(call.task_id, results, request[API_KEY])
+    return answer_body(call.task_id, results, context(request).api_key)
 
 
 async def handle_append(request: web.Request) -> web.Response:

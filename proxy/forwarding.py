@@ -18,10 +18,8 @@ from yarl import URL
 
 from proxy.appkeys import (
     ACTIONS,
-    REQUEST_ID,
-    RESPONSE_STARTED,
     SETTINGS,
-    UPSTREAM_STATUS,
+    context,
     current_credentials,
     current_tenant,
     upstream_client,
@@ -243,7 +241,7 @@ async def handle_forward(request: web.Request) -> web.StreamResponse:
     )
     streamed = is_multipart(request)
     headers = filter_request_headers(request.headers, streamed=streamed)
-    headers.append(("X-Request-Id", request[REQUEST_ID]))
+    headers.append(("X-Request-Id", context(request).request_id))
     body, stream = None, None
     if streamed:
         stream = stream_body(request, settings.max_upload_bytes)
@@ -267,17 +265,18 @@ def _server_timing(started: float, sent: float, answered: float) -> str:
 async def stream_back(request: web.Request, answer: Response, timing: str) -> web.StreamResponse:
     """Copy the upstream status, end-to-end headers and body to the client as it arrives."""
     headers = CIMultiDict(filter_response_headers(answer.raw_headers))
-    headers["X-Request-Id"] = request[REQUEST_ID]
+    ctx = context(request)
+    headers["X-Request-Id"] = ctx.request_id
     headers["Server-Timing"] = timing
-    request[UPSTREAM_STATUS] = answer.status
+    ctx.upstream_status = answer.status
     body = answer.body_if_complete()
     if body is not None and request.method != "HEAD":
         # The whole answer is here already (most nxlink answers): one write, one response.
-        request[RESPONSE_STARTED] = True
+        ctx.response_started = True
         return web.Response(status=answer.status, reason=answer.reason, body=body, headers=headers)
     response = web.StreamResponse(status=answer.status, reason=answer.reason, headers=headers)
     await response.prepare(request)
-    request[RESPONSE_STARTED] = True
+    ctx.response_started = True
     sent = 0
     try:
         async for chunk in answer.iter_chunks():

@@ -10,7 +10,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import __version__
-from proxy.appkeys import API_KEY, METRICS, SETTINGS, STATE, current_tenant
+from proxy.appkeys import (
+    METRICS,
+    SETTINGS,
+    STATE,
+    context,
+    current_tenant,
+)
 from proxy.config import mask_key
 from proxy.errors import NotFound, NotReady
 
@@ -44,7 +50,7 @@ async def handle_status(request: web.Request) -> web.Response:
             "service": SERVICE_NAME,
             "version": __version__,
             "timestamp": utc_now_iso(),
-            "apiKey": mask_key(request[API_KEY]),
+            "apiKey": mask_key(context(request).api_key),
             "apiKeyAlias": tenant.alias,
             "apiKeyDescription": tenant.description,
             "hasOpenApiConfig": tenant.credentials is not None,

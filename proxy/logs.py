@@ -14,7 +14,10 @@ import orjson
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
-from proxy.appkeys import REQUEST_ID, STARTED, TENANT, UPSTREAM_STATUS
+from proxy.appkeys import (
+    CONTEXT,
+    RequestContext,
+)
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 
@@ -137,16 +140,18 @@ class AccessLogger(AbstractAccessLogger):
     """One JSON access line per request: who, what, how it ended and how long it took."""
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        tenant = request.get(TENANT)
+        # No context when aiohttp refused the request before any middleware ran.
+        ctx = request.get(CONTEXT)
+        tenant = ctx.tenant if ctx is not None else None
         method, path, status = request.method, request.path, response.status
         fields: dict[str, object] = {
-            "request_id": request.get(REQUEST_ID, "-"),
+            "request_id": ctx.request_id if ctx is not None else "-",
             "tenant": tenant.alias if tenant is not None else None,
             "method": method,
             "path": path,
             "status": status,
-            "upstream_status": request.get(UPSTREAM_STATUS),
-            "duration_ms": round(self._seconds(request, time) * 1000, 3),
+            "upstream_status": ctx.upstream_status if ctx is not None else None,
+            "duration_ms": round(self._seconds(ctx, time) * 1000, 3),
             "bytes_in": request.content.total_bytes,  # chunked uploads have no length
             "bytes_out": response.body_length,
             "remote": request.remote,
@@ -165,10 +170,9 @@ class AccessLogger(AbstractAccessLogger):
         )
 
     @staticmethod
-    def _seconds(request: BaseRequest, fallback: float) -> float:
+    def _seconds(ctx: RequestContext | None, fallback: float) -> float:
         """From the request id middleware's clock (uvloop's loop time has 1 ms steps)."""
-        started = request.get(STARTED)
-        return fallback if started is None else time.perf_counter() - started
+        return fallback if ctx is None else time.perf_counter() - ctx.started
 
     @property
     def enabled(self) -> bool:

@@ -13,14 +13,11 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from proxy.appkeys import (
-    API_KEY,
+    CONTEXT,
     LIMITER,
-    REQUEST_ID,
-    RESPONSE_STARTED,
     SETTINGS,
-    STARTED,
     STATE,
-    TENANT,
+    RequestContext,
     metrics,
 )
 from proxy.config import mask_key
@@ -61,8 +58,7 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
     """Take a sane client ``X-Request-Id`` or make one; stamp logs and the answer with it."""
     given = request.headers.get(REQUEST_ID_HEADER, "")
     request_id = given if given and SANE_REQUEST_ID.fullmatch(given) else new_request_id()
-    request[REQUEST_ID] = request_id
-    request[STARTED] = time.perf_counter()
+    request[CONTEXT] = RequestContext(request_id, time.perf_counter())
     token = request_id_var.set(request_id)
     try:
         response = await handler(request)
@@ -85,7 +81,7 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         return response
     finally:
         registry.in_flight -= 1
-        tenant = request.get(TENANT)
+        tenant = request[CONTEXT].tenant
         route = request.match_info.route.name or "unmatched"
         alias = tenant.alias if tenant is not None else ""
         registry.count_request(alias, route, status)
@@ -97,7 +93,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except GatewayError as exc:
-        if request.get(RESPONSE_STARTED):
+        if request[CONTEXT].response_started:
             raise
         return render_error(exc)
     except web.HTTPException as exc:
@@ -106,7 +102,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         cls = HTTP_ERRORS.get(exc.status, RequestError)
         return render_error(cls(exc.reason, status=exc.status))
     except Exception:
-        if request.get(RESPONSE_STARTED):
+        if request[CONTEXT].response_started:
             raise
         logger.exception("unhandled error on %s %s", request.method, request.path)
         return render_error(InternalError())
@@ -150,8 +146,8 @@ def auth_middleware(*, public_routes: frozenset[str]) -> Middleware:
         if match.key.expired(datetime.now(UTC)):
             expired = ApiKeyExpired(apiKey=mask_key(key), apiKeyAlias=match.tenant.alias)
             raise _rejected(request, expired)
-        request[TENANT] = match.tenant
-        request[API_KEY] = key
+        ctx = request[CONTEXT]
+        ctx.tenant, ctx.api_key = match.tenant, key
         return await handler(request)
 
     return auth
@@ -175,7 +171,7 @@ def _rejected(request: web.Request, exc: GatewayError) -> GatewayError:
 @web.middleware
 async def limits_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Per-tenant rate limit and in-flight cap; public routes have no tenant and pass."""
-    tenant = request.get(TENANT)
+    tenant = request[CONTEXT].tenant
     if tenant is None:
         return await handler(request)
     try:

@@ -17,7 +17,7 @@ from aiohttp.typedefs import Handler, Middleware
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import create_app
-from proxy.appkeys import METRICS, RELOADER, STATE, TENANT, GatewayState
+from proxy.appkeys import CONTEXT, METRICS, RELOADER, STATE, GatewayState
 from proxy.config import ConfigError, Secret, parse_settings, read_environment, secret_files
 from proxy.metrics import Metrics
 from proxy.reload import Loader, Reloader, file_stamp
@@ -72,7 +72,7 @@ def hold_after_auth(arrived: asyncio.Event, release: asyncio.Event) -> Middlewar
 
     @web.middleware
     async def hold(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.get(TENANT) is not None and request.path == TASK_LIST:
+        if request[CONTEXT].tenant is not None and request.path == TASK_LIST:
             arrived.set()
             await release.wait()
         return await handler(request)

@@ -67,7 +67,11 @@ def current_tenant(request: web.Request) -> Tenant:
 
 def current_credentials(request: web.Request) -> Credentials:
     """The tenant's nxlink credentials, or 500 ``OPENAPI_CONFIG_INCOMPLETE``."""
-    tenant = current_tenant(request)
+    return credentials_of(current_tenant(request))
+
+
+def credentials_of(tenant: Tenant) -> Credentials:
+    """``tenant``'s nxlink credentials, or 500 ``OPENAPI_CONFIG_INCOMPLETE``."""
     if tenant.credentials is None:
         raise ConfigIncomplete(apiKeyAlias=tenant.alias)
     return tenant.credentials

@@ -19,10 +19,10 @@ from yarl import URL
 from proxy.appkeys import (
     ACTIONS,
     SETTINGS,
+    UPSTREAM,
     context,
-    current_credentials,
+    credentials_of,
     current_tenant,
-    upstream_client,
 )
 from proxy.errors import NotFound, PayloadTooLarge, RequestError
 from proxy.http1 import Response
@@ -171,7 +171,8 @@ def is_multipart(request: web.Request) -> bool:
 
 async def read_body(request: web.Request, limit: int, timeout: float) -> bytes:
     """The exact body bytes, at most ``limit`` of them within ``timeout``, checked to be UTF-8."""
-    if request.content_length is not None and request.content_length > limit:
+    length = request.content_length
+    if length is not None and length > limit:
         raise PayloadTooLarge(f"Request body exceeds {limit} bytes")
     content = request.content
     try:
@@ -232,16 +233,17 @@ def stream_body(request: web.Request, limit: int) -> StreamFactory:
 async def handle_forward(request: web.Request) -> web.StreamResponse:
     """Sign the request for the caller's tenant and stream it to nxlink and back."""
     started = time.perf_counter()
+    app, ctx = request.app, context(request)
     tenant = current_tenant(request)
-    credentials = current_credentials(request)
-    settings = request.app[SETTINGS]
-    action = resolve_action(request.headers, request.path, request.app[ACTIONS])
+    credentials = credentials_of(tenant)
+    settings = app[SETTINGS]
+    action = resolve_action(request.headers, request.path, app[ACTIONS])
     url = build_upstream_url(
         tenant.base_url, request.raw_path.partition("?")[0], request.rel_url.raw_query_string
     )
     streamed = is_multipart(request)
     headers = filter_request_headers(request.headers, streamed=streamed)
-    headers.append(("X-Request-Id", context(request).request_id))
+    headers.append(("X-Request-Id", ctx.request_id))
     body, stream = None, None
     if streamed:
         stream = stream_body(request, settings.max_upload_bytes)
@@ -251,7 +253,7 @@ async def handle_forward(request: web.Request) -> web.StreamResponse:
         request.method, url, headers, action, credentials, body, stream, tenant.alias
     )
     sent = time.perf_counter()
-    async with upstream_client(request).open(upstream) as answer:
+    async with app[UPSTREAM].open(upstream) as answer:
         timing = _server_timing(started, sent, time.perf_counter())
         return await stream_back(request, answer, timing)
 

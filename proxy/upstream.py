@@ -77,32 +77,27 @@ class UpstreamClient:
         """The response once its headers arrived; the caller must ``release()`` it."""
         started = time.perf_counter()
         deadline = asyncio.get_running_loop().time() + self.timeout
-        try:
-            response = await self._send_with_retries(request, deadline)
-        except TimeoutError as exc:
-            raise UpstreamTimeout(f"Upstream did not answer within {self.timeout:g}s") from exc
-        if self.observe is not None:
-            self.observe(request.tenant, time.perf_counter() - started)
-        return response
-
-    async def _send_with_retries(self, request: UpstreamRequest, deadline: float) -> Response:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
-                return await self._send_once(request, deadline)
+                response = await self._send_once(request, deadline)
+                break
+            except TimeoutError as exc:
+                message = f"Upstream did not answer within {self.timeout:g}s"
+                raise UpstreamTimeout(message) from exc
             except ConnectFailed as exc:
                 if attempt == MAX_ATTEMPTS:
-                    raise UpstreamUnavailable(
-                        f"Cannot connect to upstream {request.url.host}"
-                    ) from exc
+                    message = f"Cannot connect to upstream {request.url.host}"
+                    raise UpstreamUnavailable(message) from exc
                 logger.warning(
                     "upstream connect failed, retrying",
                     extra={"host": request.url.host, "attempt": attempt, "reason": str(exc)},
                 )
             except ConnectionError as exc:
-                raise UpstreamUnavailable(
-                    f"Upstream connection failed ({exc.__class__.__name__})"
-                ) from exc
-        raise AssertionError("unreachable")
+                message = f"Upstream connection failed ({exc.__class__.__name__})"
+                raise UpstreamUnavailable(message) from exc
+        if self.observe is not None:
+            self.observe(request.tenant, time.perf_counter() - started)
+        return response
 
     async def _send_once(self, request: UpstreamRequest, deadline: float) -> Response:
         multipart = request.stream is not None

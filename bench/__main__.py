@@ -32,14 +32,16 @@ def throughput(args: argparse.Namespace, origin: int, proxy: int | None) -> dict
     workers = len(os.sched_getaffinity(0))
     with (
         gateway(origin) as (_gw, gateway_port, _ready),
-        bare_proxy(origin) as bare_port,
+        bare_proxy(origin, "session") as session_port,
+        bare_proxy(origin, "http1") as http1_port,
         gateway(origin, "--workers", str(workers)) as (_gws, workers_port, _ready_n),
     ):
         targets = {
             "direct": origin,
             "gateway": gateway_port,
             "nginx_proxy": proxy,
-            "bare_aiohttp_proxy": bare_port,
+            "bare_aiohttp_proxy": session_port,
+            "bare_http1_proxy": http1_port,
             f"gateway_{workers}_workers": workers_port,
         }
         ports = {name: port for name, port in targets.items() if port is not None}
@@ -130,9 +132,15 @@ def table(res: dict[str, Any]) -> list[str]:
         if "nginx_proxy" in t:
             share = ratio(gw.rps, LoadResult(**t["nginx_proxy"]).rps)
             row("gateway / nginx proxy throughput", f"{share:.1%}", ">= 20%", share >= 0.2)
-        if "bare_aiohttp_proxy" in t:
-            floor = ratio(gw.rps, LoadResult(**t["bare_aiohttp_proxy"]).rps)
-            row("gateway / bare aiohttp proxy throughput", f"{floor:.0%}")
+        for bare in ("bare_aiohttp_proxy", "bare_http1_proxy"):
+            if bare in t:
+                floor = ratio(gw.rps, LoadResult(**t[bare]).rps)
+                row(f"gateway / {bare.replace('_', ' ')} throughput", f"{floor:.0%}")
+        if "bare_http1_proxy" in t and "nginx_proxy" in t:
+            floor = ratio(
+                LoadResult(**t["bare_http1_proxy"]).rps, LoadResult(**t["nginx_proxy"]).rps
+            )
+            row("bare http1 proxy / nginx proxy throughput", f"{floor:.1%}")
         ref = ratio(gw.rps, REFERENCE_RPS)
         row(
             "gateway / reference's 760 req/s (its figure, from its own machine)",

@@ -133,8 +133,9 @@ def python_upstream(latency: float = 0.0) -> Iterator[int]:
 
 
 @contextmanager
-def bare_proxy(origin_port: int) -> Iterator[int]:
-    """The minimal aiohttp proxy (bench/bare_proxy.py) in front of the origin; yields its port."""
+def bare_proxy(origin_port: int, client: str) -> Iterator[int]:
+    """A minimal forwarder (bench/bare_proxy.py) with ``client`` ("session" or "http1") in
+    front of the origin; yields its port."""
     port = free_port()
     argv = [
         sys.executable,
@@ -144,6 +145,8 @@ def bare_proxy(origin_port: int) -> Iterator[int]:
         str(port),
         "--origin",
         f"http://{LOOPBACK}:{origin_port}",
+        "--client",
+        client,
     ]
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     with process(argv, env):

@@ -29,10 +29,12 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 # wrk is the load generator (C, event-driven: the client is never the bottleneck);
-# nginx-light gives the plain reverse-proxy baseline. Both come from Debian's packages.
+# nginx-light gives the plain reverse-proxy baseline; valgrind counts instructions per
+# request, a figure the machine's noise cannot move. All come from Debian's packages.
 bench: install
-	command -v wrk >/dev/null && (command -v nginx || test -x /usr/sbin/nginx) >/dev/null || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light)
+	command -v wrk >/dev/null && (command -v nginx || test -x /usr/sbin/nginx) >/dev/null && \
+	  command -v valgrind >/dev/null || (apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light valgrind)
 	$(BIN)/python -m bench
 
 clean:

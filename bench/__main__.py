@@ -14,7 +14,8 @@ from typing import Any, Final
 
 import aiohttp
 
-from bench import streaming
+from bench import instructions, streaming
+from bench.instructions import have_callgrind
 from bench.load import LoadResult, have_wrk, wrk, wrk_count
 from bench.procs import LOOPBACK, GiB, bare_proxy, gateway, nginx, python_upstream, rss_kib
 
@@ -165,6 +166,13 @@ def table(res: dict[str, Any]) -> list[str]:
             "<= 2 ms",
             g.p99_ms - d.p99_ms <= 2,
         )
+    c = res.get("instructions", {})
+    if c:
+        row(
+            f"instructions per forward, callgrind, {c['requests']} requests on 1 connection",
+            f"gateway {c['gateway'] / 1000:,.0f}k, bare http1 proxy "
+            f"{c['bare_http1_proxy'] / 1000:,.0f}k: {c['ratio']:.2f}x",
+        )
     m = res.get("memory", {})
     if m:
         row(
@@ -214,6 +222,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=200_000, help="memory phase total")
     parser.add_argument("--stream-bytes", type=int, default=GiB, help="streaming phase size")
     parser.add_argument("--append-numbers", type=int, default=10_000)
+    parser.add_argument(
+        "--counted", type=int, default=300, help="requests counted under callgrind (0: skip)"
+    )
     args = parser.parse_args()
     if not have_wrk():
         print("wrk is not installed: `apt-get install wrk` (make bench does it)", file=sys.stderr)
@@ -229,6 +240,8 @@ def main() -> int:
             res["upstream"] = "nginx static origin" if ports else "aiohttp upstream"
             res["throughput"] = throughput(args, origin, ports[1] if ports else None)
             res["memory"] = memory(origin, args.requests)
+            if have_callgrind() and args.counted:
+                res["instructions"] = instructions.measure(origin, args.counted)
     res["streaming"] = stream(args.stream_bytes)
     res["append"] = append(args.append_numbers)
     lines = [f"{res['method']}; {res['upstream']}", "", *table(res)]

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -241,7 +242,11 @@ def main() -> int:
             res["throughput"] = throughput(args, origin, ports[1] if ports else None)
             res["memory"] = memory(origin, args.requests)
             if have_callgrind() and args.counted:
-                res["instructions"] = instructions.measure(origin, args.counted)
+                try:
+                    res["instructions"] = instructions.measure(origin, args.counted)
+                except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                    # One phase failing must not lose the others' figures.
+                    res["instructions_error"] = f"{exc.__class__.__name__}: {exc}"
     res["streaming"] = stream(args.stream_bytes)
     res["append"] = append(args.append_numbers)
     lines = [f"{res['method']}; {res['upstream']}", "", *table(res)]

@@ -79,7 +79,11 @@ SETTINGS_TABLE: Final[tuple[SettingSpec, ...]] = (
     SettingSpec("MAX_UPLOAD_BYTES", "104857600", "largest streamed multipart body; 413 beyond"),
     SettingSpec("UPSTREAM_CONNECT_TIMEOUT", "5", "seconds to connect to nxlink"),
     SettingSpec("UPSTREAM_TIMEOUT", "60", "seconds until nxlink's response headers; 504 beyond"),
-    SettingSpec("UPSTREAM_MAX_CONNECTIONS", "256", "pooled connections to all upstreams"),
+    SettingSpec(
+        "UPSTREAM_MAX_CONNECTIONS",
+        "256",
+        "upstream connections in use at once, all tenants together",
+    ),
     SettingSpec("RATE_LIMIT_RPS", "", "per-tenant requests per second (off when empty)"),
     SettingSpec(
         "RATE_LIMIT_BURST", "", "per-tenant burst size (default: the rate rounded up, at least 1)"

@@ -274,8 +274,13 @@ async def stream_back(request: web.Request, answer: Response, timing: str) -> we
     body = answer.body_if_complete()
     if body is not None and request.method != "HEAD":
         # The whole answer is here already (most nxlink answers): one write, one response.
+        # Prepared here, inside the error boundary, as the streamed answer is below.
+        complete = web.Response(
+            status=answer.status, reason=answer.reason, body=body, headers=headers
+        )
+        await complete.prepare(request)
         ctx.response_started = True
-        return web.Response(status=answer.status, reason=answer.reason, body=body, headers=headers)
+        return complete
     response = web.StreamResponse(status=answer.status, reason=answer.reason, headers=headers)
     await response.prepare(request)
     ctx.response_started = True

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Final, NamedTuple, cast
 
+import aiohappyeyeballs
 import httptools
 from multidict import CIMultiDict
 from yarl import URL
@@ -25,6 +26,11 @@ LOW_WATER: Final = 128 * 1024
 KEEPALIVE: Final = 15.0  # idle seconds a pooled connection is kept (servers allow 60-75)
 BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+MAX_FIELD: Final = 8190  # bytes in the status line or one header (aiohttp's client limits)
+MAX_HEADERS: Final = 128
+HAPPY_EYEBALLS_DELAY: Final = 0.25  # seconds before trying a host's next address in parallel
+# Set from the request itself; a caller's own would contradict the framing or the target.
+FRAMING: Final = frozenset({"host", "content-length", "transfer-encoding"})
 
 BodyStream = AsyncIterator[bytes]
 Origin = tuple[str, str, int]
@@ -37,6 +43,14 @@ class ConnectFailed(ConnectionError):
 class ResponseBroken(ConnectionError):
     """The connection failed or nxlink sent something that is not HTTP/1.1 after the request
     was (partly) sent."""
+
+
+class ResponseTooLarge(Exception):
+    """Raised inside a parser callback: the answer's status line or headers are too big."""
+
+
+class UnexpectedAnswer(Exception):
+    """Raised inside a parser callback: bytes for a second answer to the same request."""
 
 
 class Response:
@@ -164,6 +178,11 @@ class _Connection(asyncio.Protocol):
         self._keep_alive = False  # read at the headers: llhttp resets it once a message ends
         self._writer: asyncio.Task[None] | None = None
 
+    @property
+    def usable(self) -> bool:
+        """Open, and not closing (uvloop refuses writes to a closing transport)."""
+        return not self.closed and self._transport is not None and not self._transport.is_closing()
+
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -173,13 +192,24 @@ class _Connection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        if self._head is None:  # bytes with no request waiting (e.g. an unsolicited 408)
+            self.close()
+            return
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            # An upgrade (101) is refused too: the gateway never asks for one.
-            self._broken(ResponseBroken(f"Malformed answer from upstream ({exc!r})"))
+            # An upgrade (101) is refused too: the gateway never asks for one. A callback's
+            # ResponseTooLarge reaches here as the HttpParserError's cause.
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, ResponseTooLarge):
+                self._broken(ResponseBroken(f"Upstream answer's {cause} exceed the limits"))
+            elif isinstance(cause, UnexpectedAnswer):
+                self._broken(ResponseBroken("Upstream sent more than one answer"))
+            else:
+                self._broken(ResponseBroken(f"Malformed answer from upstream ({exc!r})"))
 
     def eof_received(self) -> bool:
+        self.closed = True  # no reuse from now on, before connection_lost gets to run
         return False  # close the transport; connection_lost settles the response
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -206,10 +236,21 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks
 
+    def on_message_begin(self) -> None:
+        if self._response is not None:
+            raise UnexpectedAnswer  # a second answer to one request
+        self._reason, self._headers = b"", []
+
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
+        if len(self._reason) > MAX_FIELD:
+            raise ResponseTooLarge("status line")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._response is not None:
+            return  # a trailer after a chunked body: not forwarded, never kept
+        if len(name) + len(value) > MAX_FIELD or len(self._headers) >= MAX_HEADERS:
+            raise ResponseTooLarge("headers")
         self._headers.append(
             (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
         )
@@ -249,6 +290,8 @@ class _Connection(asyncio.Protocol):
         """Write the request and wait for the answer's status and headers (TimeoutError past
         ``deadline``, in loop time)."""
         assert self._transport is not None
+        if not self.usable:
+            raise ConnectFailed("Upstream closed the connection before the request was sent")
         loop = asyncio.get_running_loop()
         self._no_body = method == "HEAD"
         self._keep_alive = False
@@ -261,14 +304,17 @@ class _Connection(asyncio.Protocol):
                 self._transport.write(head.data + body if body else head.data)
                 return await self._head
             self._transport.write(head.data)
-            self._writer = loop.create_task(self._write_stream(stream, head.chunked))
-            await asyncio.wait((self._head, self._writer), return_when=asyncio.FIRST_COMPLETED)
-            failed = self._writer.exception() if self._writer.done() else None
-            if failed is not None:  # the client's body broke or was refused before any answer
-                self._head.cancel()
+            head_future = self._head
+            writer = self._writer = loop.create_task(self._write_stream(stream, head.chunked))
+            await asyncio.wait((head_future, writer), return_when=asyncio.FIRST_COMPLETED)
+            upstream_failed = head_future.done() and head_future.exception() is not None
+            failed = writer.exception() if writer.done() and not writer.cancelled() else None
+            if failed is not None and not upstream_failed:
+                # The client's body broke or was refused before any answer.
+                head_future.cancel()
                 self.close()
                 raise failed
-            return await self._head
+            return await head_future
         finally:
             if timer is not None:
                 timer.cancel()
@@ -355,8 +401,8 @@ class _Connection(asyncio.Protocol):
         (RFC 9112 6.3: a Transfer-Encoding other than chunked outranks Content-Length)."""
         assert self._response is not None
         headers = self._response.headers
-        codings = headers.get("Transfer-Encoding")
-        if codings is None:
+        codings = ",".join(headers.getall("Transfer-Encoding", ()))
+        if not codings:
             return "Content-Length" not in headers
         return codings.rsplit(",", 1)[-1].strip().lower() != "chunked"
 
@@ -380,6 +426,7 @@ class Pool:
         self._slots = asyncio.Semaphore(limit)
         self._idle: dict[Origin, list[_Connection]] = {}
         self._open: set[_Connection] = set()
+        self._closed = False
 
     async def request(
         self,
@@ -421,10 +468,15 @@ class Pool:
         self._slots.release()
 
     def forget(self, connection: _Connection) -> None:
+        """``connection`` is closed: drop it from the open set and the idle list."""
         self._open.discard(connection)
+        idle = self._idle.get(connection.origin)
+        if idle and connection in idle:
+            idle.remove(connection)
 
     async def close(self) -> None:
-        """Close every connection, idle or not."""
+        """Close every connection, idle or not; later connects fail."""
+        self._closed = True
         for connection in list(self._open):
             connection.close()
         self._open.clear()
@@ -435,7 +487,7 @@ class Pool:
         deadline = self._clock() - self.keepalive
         while idle:
             connection = idle.pop()  # the most recent: the least likely to be closed
-            if not connection.closed and connection.idle_since >= deadline:
+            if connection.usable and connection.idle_since >= deadline:
                 return connection
             connection.close()
         return None
@@ -451,20 +503,37 @@ class Pool:
             limit = deadline
         try:
             async with asyncio.timeout_at(limit):
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(self, origin),
-                    host,
-                    port,
-                    ssl=tls,
-                    server_hostname=host if tls else None,
-                )
-        except (OSError, TimeoutError) as exc:
-            if limit == deadline and isinstance(exc, TimeoutError):
-                raise  # the caller's deadline passed, not the connect timeout
+                sock = await _open_socket(host, port)
+                try:
+                    _, connection = await loop.create_connection(
+                        lambda: _Connection(self, origin),
+                        sock=sock,
+                        ssl=tls,
+                        server_hostname=host if tls else None,
+                    )
+                except BaseException:
+                    sock.close()
+                    raise
+        except OSError as exc:  # TimeoutError included: the kernel's or the timer's
+            if deadline is not None and loop.time() >= deadline:
+                raise TimeoutError("The deadline passed while connecting") from exc
             kind = "timed out" if isinstance(exc, TimeoutError) else exc.__class__.__name__
             raise ConnectFailed(f"Cannot connect to {host}:{port} ({kind})") from exc
+        if self._closed:
+            connection.close()
+            raise ConnectFailed("The connection pool is closed")
         self._open.add(connection)
         return connection
+
+
+async def _open_socket(host: str, port: int) -> socket.socket:
+    """A connected socket to ``host``, its addresses raced the Happy Eyeballs way (RFC 8305),
+    as aiohttp's connector does: a blackholed IPv6 route does not cost the whole timeout."""
+    loop = asyncio.get_running_loop()
+    addresses = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return await aiohappyeyeballs.start_connection(
+        addresses, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY
+    )
 
 
 def _origin(url: URL) -> Origin:
@@ -497,8 +566,9 @@ def _head(
     lines = [f"{method} {url.raw_path_qs} HTTP/1.1", f"Host: {host}"]
     has_length = False
     for name, value in headers:
-        if name.lower() == "content-length":  # kept only for a stream: it cannot be counted
-            if stream is None:
+        if (lower := name.lower()) in FRAMING:
+            # A given length is kept only for a stream, which cannot be counted.
+            if lower != "content-length" or stream is None:
                 continue
             has_length = True
         lines.append(f"{name}: {value}")

@@ -43,9 +43,9 @@ class JsonFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__()
-        self._fallback = json.JSONEncoder(ensure_ascii=False, default=str).encode
-        self._second = -1
-        self._stamp = ""
+        # ASCII-escaped: the fallback exists for lone surrogates, which a UTF-8 stream refuses.
+        self._fallback = json.JSONEncoder(default=str).encode
+        self._stamp = (-1, "")  # (UTC second, its text): one tuple, so threads never mix them
 
     def format(self, record: logging.LogRecord) -> str:
         fields = {k: v for k, v in vars(record).items() if k not in STANDARD_FIELDS}
@@ -82,10 +82,11 @@ class JsonFormatter(logging.Formatter):
     def _time(self, created: float) -> str:
         """The UTC second, formatted once per second rather than once per line."""
         second = int(created)
-        if second != self._second:
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._second = second
-        return self._stamp
+        known, text = self._stamp
+        if second != known:
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._stamp = (second, text)
+        return text
 
 
 class JsonLineHandler(logging.StreamHandler):  # type: ignore[type-arg]  # generic in typeshed only
@@ -100,6 +101,10 @@ class JsonLineHandler(logging.StreamHandler):  # type: ignore[type-arg]  # gener
         """True when a ``level`` record of ``logger`` would reach this handler and nothing else
         (no other handler, no filter): then writing the line directly changes nothing."""
         if self.level > level or len(self.filters) != 1:
+            return False
+        if not isinstance(self.filters[0], RequestIdFilter):
+            return False
+        if not isinstance(self.formatter, JsonFormatter):
             return False
         current: logging.Logger | None = logger
         while current is not None:
@@ -157,17 +162,21 @@ class AccessLogger(AbstractAccessLogger):
             "remote": request.remote,
         }
         sink = _direct_sink(self.logger)
-        if sink is None:
-            self.logger.info("%s %s %s", method, path, status, extra=fields)
-            return
-        # The same line the record would give, without building one: a LogRecord and the
-        # handler chain cost about a third of a small forward's CPU (make bench, callgrind).
-        now = wall_clock_ns()
-        message = f"{method} {path} {status}"
-        msecs = (now % 1_000_000_000) // 1_000_000
-        sink.write_line(
-            sink.formatter.line(now / 1e9, msecs, "INFO", self.logger.name, message, fields)
-        )
+        if sink is not None:
+            # The same line the record would give, without building one: a LogRecord and the
+            # handler chain cost about a third of a small forward's CPU (make bench, callgrind).
+            now = wall_clock_ns()
+            message = f"{method} {path} {status}"
+            msecs = (now % 1_000_000_000) // 1_000_000
+            try:
+                line = sink.formatter.line(
+                    now / 1e9, msecs, "INFO", self.logger.name, message, fields
+                )
+                sink.write_line(line)
+                return
+            except (OSError, ValueError):  # e.g. a closed pipe: the record path below
+                pass  # reports it the way logging does
+        self.logger.info("%s %s %s", method, path, status, extra=fields)
 
     @staticmethod
     def _seconds(ctx: RequestContext | None, fallback: float) -> float:

@@ -96,7 +96,11 @@ class UpstreamClient:
                 message = f"Upstream connection failed ({exc.__class__.__name__})"
                 raise UpstreamUnavailable(message) from exc
         if self.observe is not None:
-            self.observe(request.tenant, time.perf_counter() - started)
+            try:
+                self.observe(request.tenant, time.perf_counter() - started)
+            except BaseException:
+                response.release()
+                raise
         return response
 
     async def _send_once(self, request: UpstreamRequest, deadline: float) -> Response:

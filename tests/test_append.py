@@ -322,7 +322,8 @@ async def test_tenant_batch_size_overrides_the_global_one(
     client = await make_gateway([tenant], APPEND_BATCH_SIZE=50)
     status, _ = await post(client, KEY_A, {"taskId": "t", "phoneNumbers": numbers(20)})
     assert status == 200
-    assert [len(b["list"]) for b in appended(upstream)] == [7, 7, 6]
+    # Batches run concurrently, so they may reach nxlink in any order.
+    assert sorted(len(b["list"]) for b in appended(upstream)) == [6, 7, 7]
 
 
 async def test_refused_batch_fails_only_its_numbers_with_nxlink_reason(

@@ -1043,3 +1043,148 @@ async def test_deadline_before_the_connect_timeout_is_timeout_not_connect_failed
             )
     assert not isinstance(caught.value, ConnectFailed)
     assert 0.2 <= time.monotonic() - started < 0.9
+
+
+# Regressions found by review: state that must not outlive an exchange, and limits
+
+
+async def test_trailers_are_dropped_and_never_reach_the_next_answer(
+    pool: Pool, raw_server: StartRaw
+) -> None:
+    with_trailer = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nok\r\n0\r\nX-Checksum: abc\r\n\r\n"
+    )
+    replies = iter([with_trailer, b"HTTP/1.1 200 OK\r\nX-Second: 1\r\nContent-Length: 2\r\n\r\nok"])
+
+    async def reply(request: RawRequest, writer: asyncio.StreamWriter) -> bool:
+        writer.write(next(replies))
+        await writer.drain()
+        return True
+
+    server = await raw_server(reply)
+    async with asyncio.timeout(LIMIT):
+        first = await pool.request("GET", server.url("/1"), [])
+        assert await first.read() == b"ok"
+        assert first.raw_headers == [("Transfer-Encoding", "chunked")]
+        first.release()
+        second = await pool.request("GET", server.url("/2"), [])
+        assert await second.read() == b"ok"
+        assert second.raw_headers == [("X-Second", "1"), ("Content-Length", "2")]
+        second.release()
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize("pause", [0.0, 0.05], ids=["same-read", "once-idle"])
+async def test_bytes_after_the_answer_close_the_connection(
+    pool: Pool, raw_server: StartRaw, pause: float
+) -> None:
+    # The answer, then an unsolicited 408: at once, or once the connection sits idle.
+    late = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n"
+    server = await raw_server(answer(OK, late, pause=pause))
+    async with asyncio.timeout(LIMIT):
+        assert await call(pool, "GET", server.url("/1")) == (200, b"ok")
+        await eventually(lambda: server.closed_by_client == [0])
+        assert await call(pool, "GET", server.url("/2")) == (200, b"ok")  # never the 408
+    assert server.connections == 2
+
+
+async def test_malformed_answer_during_an_upload_is_response_broken(
+    pool: Pool, raw_server: StartRaw
+) -> None:
+    started = asyncio.Event()
+
+    async def reply(request: RawRequest, writer: asyncio.StreamWriter) -> bool:
+        return True  # never reached: the upload never ends
+
+    async def endless() -> AsyncIterator[bytes]:
+        while True:
+            started.set()
+            yield b"x" * 1024
+            await asyncio.sleep(0.01)
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        await writer.drain()
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # until the client gives up
+        writer.close()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with asyncio.timeout(LIMIT):
+            with pytest.raises(ResponseBroken, match="Malformed"):
+                await pool.request("POST", URL(f"http://127.0.0.1:{port}/up"), [], stream=endless())
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert started.is_set()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % n for n in range(200)) + b"\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"v" * 20_000 + b"\r\n\r\n",
+        b"HTTP/1.1 200 " + b"R" * 20_000 + b"\r\n\r\n",
+    ],
+    ids=["too-many-headers", "huge-header", "huge-reason"],
+)
+async def test_oversized_answer_heads_are_refused(
+    pool: Pool, raw_server: StartRaw, head: bytes
+) -> None:
+    server = await raw_server(answer(head))
+    async with asyncio.timeout(LIMIT):
+        with pytest.raises(ResponseBroken, match="exceed the limits"):
+            await pool.request("GET", server.url(), [])
+
+
+async def test_chunked_body_after_another_coding_cut_short_is_broken(
+    pool: Pool, raw_server: StartRaw
+) -> None:
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+    server = await raw_server(answer(head, b"5\r\nabc", close=True))
+    async with asyncio.timeout(LIMIT):
+        response = await pool.request("GET", server.url(), [])
+        try:
+            with pytest.raises(ResponseBroken):
+                await response.read()
+        finally:
+            response.release()
+
+
+async def test_server_that_hangs_up_at_once_gives_a_connection_error_only() -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = Pool(limit=2, connect_timeout=2)
+    try:
+        async with asyncio.timeout(LIMIT):
+            for _ in range(20):  # the close races the write: any outcome must be typed
+                with pytest.raises(ConnectionError):
+                    await pool.request("POST", URL(f"http://127.0.0.1:{port}/"), [], body=b"x")
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_host_name_connects_whichever_address_answers(
+    pool: Pool, raw_server: StartRaw
+) -> None:
+    # "localhost" may resolve to ::1 first while the server listens on 127.0.0.1 only.
+    server = await raw_server(answer(OK))
+    async with asyncio.timeout(LIMIT):
+        assert await call(pool, "GET", URL(f"http://localhost:{server.port}/")) == (200, b"ok")
+
+
+async def test_closed_pool_refuses_new_connections(pool: Pool, raw_server: StartRaw) -> None:
+    server = await raw_server(answer(OK))
+    await pool.close()
+    async with asyncio.timeout(LIMIT):
+        with pytest.raises(ConnectFailed, match="closed"):
+            await pool.request("GET", server.url(), [])

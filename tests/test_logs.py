@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import signal
@@ -370,3 +371,34 @@ async def test_direct_access_line_is_the_line_the_record_would_give(
         line.pop(varying), other.pop(varying)
     assert line == other
     assert line["message"] == f"POST {TASK_LIST} 200" and line["level"] == "info"
+
+
+class BrokenPipe(io.StringIO):
+    """A stdout whose reader went away."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError("reader gone")
+
+
+async def test_an_unwritable_stdout_costs_the_line_not_the_request(
+    logged_gateway: Client,
+    capsys: pytest.CaptureFixture[str],
+    restore_root_logger: None,
+) -> None:
+    setup_logging("info")
+    [handler] = logging.getLogger().handlers
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(BrokenPipe())
+    server_errors = Collecting()  # aiohttp reports a failing access logger here
+    logging.getLogger("aiohttp.server").addHandler(server_errors)
+    try:
+        for n in range(2):  # the second on the same keep-alive connection
+            headers = {"x-api-key": KEY_A, "X-Request-Id": f"req-pipe-{n}"}
+            response = await logged_gateway.post(TASK_LIST, data=b"{}", headers=headers)
+            assert response.status == 200
+            assert json.loads(await response.read())["code"] == 0
+    finally:
+        logging.getLogger("aiohttp.server").removeHandler(server_errors)
+    assert [r.getMessage() for r in server_errors.records] == []
+    # The direct path gave up and the record path reported it the way logging does.
+    assert capsys.readouterr().err.count("--- Logging error ---") >= 2

@@ -328,6 +328,8 @@ class _Connection(asyncio.Protocol):
         async for chunk in stream:
             if not chunk:
                 continue
+            if not self.usable:  # uvloop raises RuntimeError on a write to a closing transport
+                raise ResponseBroken("Upstream closed the connection during the upload")
             if chunked:
                 self._transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
             else:

@@ -12,13 +12,8 @@ from pathlib import Path
 from typing import Final
 
 from proxy import __version__
-from proxy.config import (
-    ConfigError,
-    Secret,
-    Settings,
-    mask_key,
-    process_environ,
-)
+from proxy.config import ConfigError, Secret, Settings, mask_key
+from proxy.environment import process_environ
 from proxy.limits import TenantPolicy
 from proxy.nxlink import now_ms
 from proxy.serve import load_config, run_gateway, run_sandbox

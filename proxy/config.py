@@ -1,22 +1,24 @@
-"""Gateway settings: ``.env`` < environment < CLI flags, merged once, cast and validated."""
+"""Gateway settings: the typed `Settings`, cast and validated from the merged environment."""
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from dotenv import dotenv_values
+from proxy.settings_table import DEFAULTS, MIN_ADMIN_TOKEN, QUOTA_FIELDS, SECRET_SETTINGS
+from proxy.urls import is_http_url, mask_url, state_url_problem
 
 MIB: Final = 1024 * 1024
 DEFAULT_ENV_FILE: Final = ".env"
-FILE_SUFFIX: Final = "_FILE"
 MASK_VISIBLE: Final = 8
 
 
@@ -60,54 +62,43 @@ def mask_key(key: str) -> str:
     return key if len(key) <= MASK_VISIBLE else key[:MASK_VISIBLE] + "***"
 
 
-@dataclass(frozen=True, slots=True)
-class SettingSpec:
-    """One documented setting: its variable, default text and meaning."""
-
-    name: str
-    default: str
-    help: str
-
-
-# The settings table: the README's reference is checked against it by a test.
-SETTINGS_TABLE: Final[tuple[SettingSpec, ...]] = (
-    SettingSpec("HOST", "0.0.0.0", "address the gateway listens on"),
-    SettingSpec("PORT", "8001", "port the gateway listens on"),
-    SettingSpec("ENV_FILE", ".env", "dotenv file read at start and on reload (missing is fine)"),
-    SettingSpec("TENANTS_FILE", "", "tenants JSON file; reloaded on change and on SIGHUP"),
-    SettingSpec("MAX_BODY_BYTES", "10485760", "largest signed (non-multipart) body; 413 beyond"),
-    SettingSpec("MAX_UPLOAD_BYTES", "104857600", "largest streamed multipart body; 413 beyond"),
-    SettingSpec("UPSTREAM_CONNECT_TIMEOUT", "5", "seconds to connect to nxlink"),
-    SettingSpec("UPSTREAM_TIMEOUT", "60", "seconds until nxlink's response headers; 504 beyond"),
-    SettingSpec(
-        "UPSTREAM_MAX_CONNECTIONS",
-        "256",
-        "upstream connections in use at once, all tenants together",
-    ),
-    SettingSpec("RATE_LIMIT_RPS", "", "per-tenant requests per second (off when empty)"),
-    SettingSpec(
-        "RATE_LIMIT_BURST", "", "per-tenant burst size (default: the rate rounded up, at least 1)"
-    ),
-    SettingSpec("MAX_INFLIGHT_PER_TENANT", "", "per-tenant concurrent requests (off when empty)"),
-    SettingSpec("APPEND_BATCH_SIZE", "100", "numbers per upstream call/append request"),
-    SettingSpec("APPEND_CONCURRENCY", "4", "append batches in flight per request"),
-    SettingSpec("APPEND_MAX_NUMBERS", "10000", "most numbers in one append-numbers request"),
-    SettingSpec("IDEMPOTENCY_TTL", "86400", "seconds an Idempotency-Key answer is kept"),
-    SettingSpec("OPENAPI_ACTIONS", "", "extra path=action pairs, comma-separated"),
-    SettingSpec("PUBLIC_KEY_DIRECTORY", "true", "serve /api/openapi/keys and availableKeys on 403"),
-    SettingSpec("CORS_ALLOW_ORIGINS", "", "comma-separated origins allowed by CORS"),
-    SettingSpec("LOG_LEVEL", "info", "debug, info, warning or error"),
-    SettingSpec("SHUTDOWN_GRACE", "30", "seconds SIGTERM lets in-flight requests finish"),
-    SettingSpec("WORKERS", "1", "serving processes sharing the port (SO_REUSEPORT)"),
-)
-
-DEFAULTS: Final = {spec.name: spec.default for spec in SETTINGS_TABLE}
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 TRUE_WORDS: Final = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS: Final = frozenset({"0", "false", "no", "off"})
 HOSTNAME: Final = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})")
-# Only our own variables may be given as NAME_FILE (SSL_CERT_FILE and kin are not ours).
-FILE_CAPABLE: Final = re.compile(r"(OPENAPI_|EXTERNAL_API_KEY_)\w+")
+
+
+@dataclass(frozen=True, slots=True)
+class Quotas:
+    """Budgets per calendar day and month (``None``: no such budget)."""
+
+    numbers_per_day: int | None = None
+    numbers_per_month: int | None = None
+    requests_per_day: int | None = None
+    requests_per_month: int | None = None
+
+    def over(self, defaults: Quotas) -> Quotas:
+        """These quotas, each one not set taken from ``defaults``."""
+        return Quotas(
+            *(
+                mine if mine is not None else theirs
+                for mine, theirs in zip(_quota_values(self), _quota_values(defaults), strict=True)
+            )
+        )
+
+    def items(self) -> list[tuple[str, int]]:
+        """The budgets in force as ``(name, limit)``, e.g. ``("numbersPerDay", 5000)``."""
+        values = zip(QUOTA_FIELDS, _quota_values(self), strict=True)
+        return [(name, value) for name, value in values if value is not None]
+
+
+def _quota_values(quotas: Quotas) -> tuple[int | None, ...]:
+    return (
+        quotas.numbers_per_day,
+        quotas.numbers_per_month,
+        quotas.requests_per_day,
+        quotas.requests_per_month,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +113,7 @@ class Settings:
     max_upload_bytes: int = 100 * MIB
     upstream_connect_timeout: float = 5.0
     upstream_timeout: float = 60.0
+    upstream_read_timeout: float = 30.0
     upstream_max_connections: int = 256
     rate_limit_rps: float | None = None
     rate_limit_burst: int | None = None
@@ -130,101 +122,25 @@ class Settings:
     append_concurrency: int = 4
     append_max_numbers: int = 10000
     idempotency_ttl: float = 86400.0
+    idempotency_lease: float = 15.0
+    idempotency_wait: float = 60.0
+    state_url: str = ""  # empty: memory://, or a private SQLite file with WORKERS > 1
+    quota_timezone: str = "UTC"
+    quota_defaults: Quotas = Quotas()
     extra_actions: tuple[tuple[str, str], ...] = ()
     public_key_directory: bool = True
     cors_allow_origins: tuple[str, ...] = ()
     log_level: str = "info"
     shutdown_grace: float = 30.0
+    shutdown_delay: float = 0.0
     workers: int = 1
-
-
-def read_environment(
-    environ: Mapping[str, str], overrides: Mapping[str, str] | None = None
-) -> dict[str, str]:
-    """Merge ``.env`` < environment < overrides, then resolve every ``NAME_FILE``."""
-    merged, problems = _merge(environ, overrides)
-    problems += _resolve_file_variables(merged)
-    if problems:
-        raise ConfigError(problems)
-    return merged
-
-
-def secret_files(
-    environ: Mapping[str, str], overrides: Mapping[str, str] | None = None
-) -> list[Path]:
-    """The files ``NAME_FILE`` variables point at (watched for reload, like mounted secrets)."""
-    merged, _problems = _merge(environ, overrides)
-    return [Path(path) for key, path in merged.items() if _is_file_variable(key)]
-
-
-def _merge(
-    environ: Mapping[str, str], overrides: Mapping[str, str] | None
-) -> tuple[dict[str, str], list[str]]:
-    """``.env`` < environment < overrides, ``NAME_FILE`` still unresolved; and what went wrong."""
-    overrides = dict(overrides or {})
-    env_file = overrides.get("ENV_FILE") or environ.get("ENV_FILE") or DEFAULT_ENV_FILE
-    dotenv: dict[str, str] = {}
-    problems: list[str] = []
-    if Path(env_file).exists():
-        try:
-            # No ${VAR} expansion: python-dotenv would take it from the real os.environ (not
-            # the environment handed in), and a secret with a "$" in it would change.
-            values = dotenv_values(env_file, interpolate=False)
-            dotenv = {k: v for k, v in values.items() if v is not None}
-        except (OSError, UnicodeDecodeError) as exc:
-            problems.append(f"ENV_FILE={env_file}: cannot be read ({exc}); fix or remove it")
-    elif "ENV_FILE" in overrides or "ENV_FILE" in environ:
-        problems.append(f"ENV_FILE={env_file}: no such file; create it or drop the setting")
-    merged: dict[str, str] = {}
-    for layer in (dotenv, environ, overrides):
-        # A higher layer's NAME (or NAME_FILE) replaces a lower layer's NAME_FILE (or NAME).
-        for other in filter(None, map(_counterpart, layer)):
-            merged.pop(other, None)
-        merged.update(layer)
-    merged["ENV_FILE"] = env_file
-    return merged, problems
-
-
-def _resolve_file_variables(env: dict[str, str]) -> list[str]:
-    """Replace each ``NAME_FILE`` by ``NAME`` = the file's text, one trailing newline dropped."""
-    problems = []
-    for key in [k for k in env if _is_file_variable(k)]:
-        name, path = key[: -len(FILE_SUFFIX)], env.pop(key)
-        if name in env:
-            problems.append(f"{key}={path}: {name} is also set; keep only one of them")
-            continue
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            problems.append(
-                f"{key}={path}: cannot read the file ({exc.__class__.__name__}); "
-                "check the path and its permissions"
-            )
-            continue
-        env[name] = text[:-1] if text.endswith("\n") else text
-    return problems
-
-
-def _counterpart(key: str) -> str | None:
-    """``NAME`` for ``NAME_FILE`` and ``NAME_FILE`` for ``NAME``; ``None`` for other variables."""
-    if _is_file_variable(key):
-        return key[: -len(FILE_SUFFIX)]
-    return key + FILE_SUFFIX if _is_file_variable(key + FILE_SUFFIX) else None
-
-
-def _is_file_variable(key: str) -> bool:
-    if not key.endswith(FILE_SUFFIX) or key in DEFAULTS:
-        return False
-    name = key[: -len(FILE_SUFFIX)]
-    return name in DEFAULTS or FILE_CAPABLE.fullmatch(name) is not None
-
-
-def load_settings(
-    environ: Mapping[str, str], overrides: Mapping[str, str] | None = None
-) -> Settings:
-    """Build the one ``Settings`` from the environment (and ``.env``) and CLI overrides."""
-    env = read_environment(environ, overrides)
-    return parse_settings(env)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    admin_host: str = "127.0.0.1"
+    admin_port: int | None = None
+    # SHA-256 of the admin token (from ADMIN_TOKEN or ADMIN_TOKEN_HASH): the token itself is
+    # never kept.
+    admin_token_digest: bytes | None = field(default=None, repr=False)
 
 
 def parse_settings(env: Mapping[str, str]) -> Settings:
@@ -232,6 +148,8 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
     reader = _Reader(env)
     tenants_file = reader.text("TENANTS_FILE")
     rps = reader.number("RATE_LIMIT_RPS", float, low=0.001, optional=True)
+    tls_cert, tls_key = reader.tls_files()
+    admin_port = reader.number("ADMIN_PORT", int, low=0, high=65535, optional=True)
     settings = Settings(
         host=reader.host("HOST"),
         port=reader.number("PORT", int, low=0, high=65535),
@@ -241,6 +159,7 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
         max_upload_bytes=reader.number("MAX_UPLOAD_BYTES", int, low=1),
         upstream_connect_timeout=reader.number("UPSTREAM_CONNECT_TIMEOUT", float, low=0.001),
         upstream_timeout=reader.number("UPSTREAM_TIMEOUT", float, low=0.001),
+        upstream_read_timeout=reader.number("UPSTREAM_READ_TIMEOUT", float, low=0.001),
         upstream_max_connections=reader.number("UPSTREAM_MAX_CONNECTIONS", int, low=1),
         rate_limit_rps=rps,
         rate_limit_burst=reader.number("RATE_LIMIT_BURST", int, low=1, optional=True),
@@ -249,12 +168,23 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
         append_concurrency=reader.number("APPEND_CONCURRENCY", int, low=1, high=256),
         append_max_numbers=reader.number("APPEND_MAX_NUMBERS", int, low=1),
         idempotency_ttl=reader.number("IDEMPOTENCY_TTL", float, low=0),
+        idempotency_lease=reader.number("IDEMPOTENCY_LEASE", float, low=1, high=3600),
+        idempotency_wait=reader.number("IDEMPOTENCY_WAIT", float, low=0, high=3600),
+        state_url=reader.state_url("STATE_URL"),
+        quota_timezone=reader.timezone("QUOTA_TIMEZONE"),
+        quota_defaults=reader.quotas("QUOTA_"),
         extra_actions=reader.actions("OPENAPI_ACTIONS"),
         public_key_directory=reader.flag("PUBLIC_KEY_DIRECTORY"),
         cors_allow_origins=reader.origins("CORS_ALLOW_ORIGINS"),
         log_level=reader.choice("LOG_LEVEL", LOG_LEVELS),
         shutdown_grace=reader.number("SHUTDOWN_GRACE", float, low=0),
+        shutdown_delay=reader.number("SHUTDOWN_DELAY", float, low=0, high=3600),
         workers=reader.number("WORKERS", int, low=1, high=64),
+        tls_cert_file=tls_cert,
+        tls_key_file=tls_key,
+        admin_host=reader.host("ADMIN_HOST"),
+        admin_port=admin_port,
+        admin_token_digest=reader.admin_token(admin_port is not None),
     )
     reader.raise_problems()
     return settings
@@ -271,7 +201,12 @@ class _Reader:
         return self.env.get(name, DEFAULTS[name]).strip()
 
     def fail(self, name: str, why: str) -> None:
-        self.problems.append(f"{name}={self.env.get(name, '')}: {why}")
+        shown = self.env.get(name, "")
+        if name in SECRET_SETTINGS:
+            shown = "<hidden>"
+        elif name == "STATE_URL":
+            shown = mask_url(shown)
+        self.problems.append(f"{name}={shown}: {why}")
 
     def number(
         self,
@@ -335,6 +270,74 @@ class _Reader:
             pairs.append((path.strip().rstrip("/"), action.strip()))
         return tuple(pairs)
 
+    def quotas(self, prefix: str) -> Quotas:
+        """``<prefix>NUMBERS_PER_DAY`` and its three kin, each a positive whole number."""
+        values = []
+        for suffix in QUOTA_FIELDS.values():
+            name = prefix + suffix
+            raw = self.env.get(name, "").strip()
+            if raw and not (raw.isascii() and raw.isdigit() and int(raw) > 0):
+                self.fail(name, "not a positive whole number; use e.g. 5000, or leave it empty")
+                raw = ""
+            values.append(int(raw) if raw else None)
+        return Quotas(*values)
+
+    def timezone(self, name: str) -> str:
+        raw = self.text(name)
+        try:
+            ZoneInfo(raw)
+        except (ZoneInfoNotFoundError, ValueError):
+            self.fail(name, "unknown time zone; use an IANA name such as UTC or Asia/Shanghai")
+            return DEFAULTS[name]
+        return raw
+
+    def state_url(self, name: str) -> str:
+        raw = self.text(name)
+        if raw:
+            why = state_url_problem(raw)
+            if why is not None:
+                self.fail(name, why)
+        return raw
+
+    def tls_files(self) -> tuple[Path | None, Path | None]:
+        cert, key = self.text("TLS_CERT_FILE"), self.text("TLS_KEY_FILE")
+        if bool(cert) != bool(key):
+            missing = "TLS_KEY_FILE" if cert else "TLS_CERT_FILE"
+            given = "TLS_CERT_FILE" if cert else "TLS_KEY_FILE"
+            self.fail(given, f"{missing} is not set; set both for HTTPS, or neither for HTTP")
+            return None, None
+        for name, path in (("TLS_CERT_FILE", cert), ("TLS_KEY_FILE", key)):
+            if path and not os.access(path, os.R_OK):
+                self.fail(name, "cannot read the file; check the path and its permissions")
+        return (Path(cert), Path(key)) if cert else (None, None)
+
+    def admin_token(self, required: bool) -> bytes | None:
+        """The admin token's SHA-256, from ADMIN_TOKEN or ADMIN_TOKEN_HASH."""
+        token, hashed = self.env.get("ADMIN_TOKEN", ""), self.text("ADMIN_TOKEN_HASH")
+        if token and hashed:
+            self.fail("ADMIN_TOKEN_HASH", "ADMIN_TOKEN is set too; keep only one of them")
+            return None
+        if token:
+            if len(token) < MIN_ADMIN_TOKEN or token != token.strip():
+                self.fail(
+                    "ADMIN_TOKEN",
+                    f"shorter than {MIN_ADMIN_TOKEN} characters or padded with spaces; "
+                    "make one with: .venv/bin/nxlink-proxy keygen",
+                )
+            return hashlib.sha256(token.encode()).digest()
+        if hashed:
+            if not re.fullmatch(r"sha256:[0-9a-fA-F]{64}", hashed):
+                self.fail("ADMIN_TOKEN_HASH", 'not "sha256:" + 64 hex digits; use keygen\'s hash')
+                return None
+            return bytes.fromhex(hashed[len("sha256:") :])
+        if required:
+            self.fail(
+                "ADMIN_PORT",
+                "the admin listener needs ADMIN_TOKEN (or ADMIN_TOKEN_FILE, ADMIN_TOKEN_HASH); "
+                "make one with: .venv/bin/nxlink-proxy keygen",
+            )
+        return None
+
     def raise_problems(self) -> None:
         if self.problems:
             raise ConfigError(self.problems)
@@ -346,24 +349,3 @@ def _is_ip(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def is_http_url(url: str) -> bool:
-    """True for an absolute http(s) URL with a host and no query, fragment or credentials."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        return False
-    return (
-        parts.scheme in ("http", "https")
-        and bool(parts.hostname)
-        and not parts.query
-        and not parts.fragment
-        and parts.username is None
-    )
-
-
-def process_environ() -> Mapping[str, str]:
-    """The real process environment (only the CLI calls this)."""
-    return os.environ

@@ -17,7 +17,8 @@ from aiohttp import web
 
 from proxy.app import create_app
 from proxy.appkeys import RELOADER, STATE
-from proxy.config import ConfigError, Settings, parse_settings, read_environment, secret_files
+from proxy.config import ConfigError, Settings, parse_settings
+from proxy.environment import read_environment, secret_files
 from proxy.logs import AccessLogger, setup_logging
 from proxy.reload import Loader
 from proxy.sandbox import create_sandbox_app

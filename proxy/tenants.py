@@ -12,8 +12,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
-from proxy.config import ConfigError, Secret, Settings, is_http_url, mask_key
+from proxy.config import ConfigError, Secret, Settings, mask_key
 from proxy.nxlink import ALGORITHMS, DEFAULT_BASE_URL, DEFAULT_BIZ_TYPE
+from proxy.urls import is_http_url
 
 HASH_PREFIX: Final = "sha256:"
 ENV_KEY: Final = re.compile(r"EXTERNAL_API_KEY_(\d+)(_[A-Z0-9_]+)?")

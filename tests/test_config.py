@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import pytest
 
-from proxy.config import (
-    DEFAULTS,
-    ConfigError,
-    Secret,
-    Settings,
-    load_settings,
-    mask_key,
-    parse_settings,
-    read_environment,
-)
+from proxy.config import ConfigError, Quotas, Secret, Settings, mask_key, parse_settings
+from proxy.environment import load_settings, read_environment
+from proxy.settings_table import DEFAULTS
 from proxy.tenants import Credentials
+from proxy.urls import sqlite_path
 
 MIB = 1024 * 1024
 
@@ -346,3 +341,144 @@ def test_dotenv_values_are_taken_literally_not_expanded_from_the_process(tmp_pat
     env_file = write(tmp_path / ".env", "OPENAPI_ACCESS_SECRET=ab${HOME}cd$x\n")
     env = read_environment({"ENV_FILE": env_file, "HOME": "/somewhere"})
     assert env["OPENAPI_ACCESS_SECRET"] == "ab${HOME}cd$x"
+
+
+def test_second_release_settings_have_their_defaults() -> None:
+    settings = parse_settings({})
+    assert settings.upstream_read_timeout == 30.0
+    assert (settings.idempotency_lease, settings.idempotency_wait) == (15.0, 60.0)
+    assert settings.state_url == ""
+    assert settings.quota_timezone == "UTC"
+    assert settings.quota_defaults == Quotas()
+    assert settings.shutdown_delay == 0.0
+    assert (settings.tls_cert_file, settings.tls_key_file) == (None, None)
+    assert (settings.admin_host, settings.admin_port, settings.admin_token_digest) == (
+        "127.0.0.1",
+        None,
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("UPSTREAM_READ_TIMEOUT", "0"),
+        ("IDEMPOTENCY_LEASE", "0.5"),
+        ("IDEMPOTENCY_WAIT", "-1"),
+        ("SHUTDOWN_DELAY", "soon"),
+        ("QUOTA_TIMEZONE", "Mars/Olympus_Mons"),
+        ("QUOTA_NUMBERS_PER_DAY", "0"),
+        ("QUOTA_NUMBERS_PER_MONTH", "1.5"),
+        ("QUOTA_REQUESTS_PER_DAY", "-4"),
+        ("QUOTA_REQUESTS_PER_MONTH", "lots"),
+        ("STATE_URL", "postgres://db/state"),
+        ("STATE_URL", "memory://elsewhere"),
+        ("STATE_URL", "sqlite://state.db"),
+        ("STATE_URL", "sqlite:///"),
+        ("STATE_URL", "sqlite:////no/such/folder/state.db"),
+        ("STATE_URL", "redis://"),
+        ("STATE_URL", "redis://cache:6379/zero"),
+        ("STATE_URL", "redis://cache:port/0"),
+        ("STATE_URL", "unix://relative.sock"),
+        ("ADMIN_HOST", "not a host"),
+        ("ADMIN_TOKEN_HASH", "sha256:abc"),
+    ],
+)
+def test_bad_second_release_value_is_one_problem_naming_it(name: str, value: str) -> None:
+    [problem] = problems_of({name: value})
+    assert problem.startswith(f"{name}={value}: ")
+    what, _, fix = problem.partition("; ")
+    assert what and fix, problem
+
+
+def test_quotas_are_positive_whole_numbers_each_optional() -> None:
+    settings = load_settings({"QUOTA_NUMBERS_PER_DAY": "5000", "QUOTA_REQUESTS_PER_MONTH": "9"})
+    assert settings.quota_defaults == Quotas(numbers_per_day=5000, requests_per_month=9)
+    assert settings.quota_defaults.items() == [("numbersPerDay", 5000), ("requestsPerMonth", 9)]
+
+
+def test_tenant_quotas_fall_back_to_the_defaults_one_by_one() -> None:
+    defaults = Quotas(numbers_per_day=100, requests_per_day=10)
+    own = Quotas(numbers_per_day=7, numbers_per_month=70)
+    assert own.over(defaults) == Quotas(7, 70, 10, None)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "memory://",
+        "sqlite:///state.db",
+        "redis://127.0.0.1:6379/0",
+        "redis://user:pw@cache:6379",
+        "rediss://cache.example.com:6380/2",
+        "unix:///run/redis/redis.sock?db=3",
+    ],
+)
+def test_state_urls_of_every_backend_are_accepted(url: str) -> None:
+    assert load_settings({"STATE_URL": url}).state_url == url
+
+
+def test_state_url_problem_never_shows_the_password() -> None:
+    [problem] = problems_of({"STATE_URL": "redis://admin:hunter2-pass@cache:6379/x"})
+    assert "hunter2" not in problem
+    assert problem.startswith("STATE_URL=redis://admin:***@cache:6379/x: ")
+
+
+def test_sqlite_state_file_that_cannot_be_created_is_an_error(tmp_path: Path) -> None:
+    not_a_folder = write(tmp_path / "plain-file", "x")
+    [problem] = problems_of({"STATE_URL": f"sqlite:///{not_a_folder}/state.db"})
+    assert f"cannot create a file in {not_a_folder}; " in problem
+
+
+def test_absolute_sqlite_url_has_four_slashes(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/state.db"  # tmp_path starts with "/": four slashes in all
+    assert url.startswith("sqlite:////")
+    assert sqlite_path(url) == tmp_path / "state.db"
+    assert sqlite_path("sqlite:///relative/state.db") == Path("relative/state.db")
+
+
+def test_admin_port_out_of_range_is_refused() -> None:
+    [problem] = problems_of({"ADMIN_PORT": "70000", "ADMIN_TOKEN": "t" * 32})
+    assert problem.startswith("ADMIN_PORT=70000: out of range; ")
+
+
+def test_admin_port_without_a_token_is_refused_with_the_keygen_hint() -> None:
+    [problem] = problems_of({"ADMIN_PORT": "9001"})
+    assert problem.startswith("ADMIN_PORT=9001: ")
+    assert "ADMIN_TOKEN" in problem and "keygen" in problem
+
+
+def test_short_admin_token_is_refused_without_showing_it() -> None:
+    [problem] = problems_of({"ADMIN_PORT": "9001", "ADMIN_TOKEN": "too-short-token"})
+    assert problem.startswith("ADMIN_TOKEN=<hidden>: ")
+    assert "too-short-token" not in problem
+
+
+def test_admin_token_is_kept_only_as_its_digest(tmp_path: Path) -> None:
+    token = "t" * 40
+    token_file = write(tmp_path / "token", token + "\n")
+    settings = load_settings({"ADMIN_PORT": "9001", "ADMIN_TOKEN_FILE": token_file})
+    assert settings.admin_token_digest == hashlib.sha256(token.encode()).digest()
+    assert token not in repr(settings)
+    hashed = "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+    by_hash = load_settings({"ADMIN_PORT": "0", "ADMIN_TOKEN_HASH": hashed})
+    assert by_hash.admin_token_digest == settings.admin_token_digest
+
+
+def test_admin_token_and_its_hash_together_are_an_error() -> None:
+    token = "t" * 40
+    hashed = "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+    [problem] = problems_of({"ADMIN_TOKEN": token, "ADMIN_TOKEN_HASH": hashed})
+    assert problem.startswith("ADMIN_TOKEN_HASH=")
+    assert token not in problem
+
+
+def test_tls_needs_both_files_and_readable_ones(tmp_path: Path) -> None:
+    cert = write(tmp_path / "cert.pem", "-----BEGIN CERTIFICATE-----\n")
+    [problem] = problems_of({"TLS_CERT_FILE": cert})
+    assert problem.startswith(f"TLS_CERT_FILE={cert}: TLS_KEY_FILE is not set; ")
+    missing = str(tmp_path / "absent.pem")
+    [problem] = problems_of({"TLS_CERT_FILE": cert, "TLS_KEY_FILE": missing})
+    assert problem.startswith(f"TLS_KEY_FILE={missing}: cannot read the file; ")
+    both = load_settings({"TLS_CERT_FILE": cert, "TLS_KEY_FILE": cert})
+    assert both.tls_cert_file == Path(cert)

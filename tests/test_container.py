@@ -27,7 +27,8 @@ from typing import Final
 
 import pytest
 
-from proxy.config import DEFAULTS, parse_settings
+from proxy.config import parse_settings
+from proxy.settings_table import DEFAULTS
 
 REPO: Final = Path(__file__).resolve().parent.parent
 DOCKERFILE: Final = REPO / "Dockerfile"

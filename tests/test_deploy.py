@@ -16,14 +16,9 @@ from aiohttp.test_utils import TestClient
 
 from proxy import __version__
 from proxy.app import create_app
-from proxy.config import (
-    DEFAULTS,
-    FILE_CAPABLE,
-    FILE_SUFFIX,
-    Settings,
-    parse_settings,
-    read_environment,
-)
+from proxy.config import Settings, parse_settings
+from proxy.environment import FILE_CAPABLE, FILE_SUFFIX, read_environment
+from proxy.settings_table import DEFAULTS
 from proxy.tenants import ENV_FIELDS, ENV_KEY, GLOBAL_FALLBACKS, Registry, load_registry
 from tests.test_container import DOCKERFILE, REPO, final_stage, only
 

@@ -12,7 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import create_app
 from proxy.appkeys import RELOADER
-from proxy.config import parse_settings, read_environment
+from proxy.config import parse_settings
+from proxy.environment import read_environment
 from proxy.metrics import Metrics, status_class
 from proxy.serve import config_loader
 from proxy.tenants import Limits

@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import create_app
 from proxy.appkeys import CONTEXT, METRICS, RELOADER, STATE, GatewayState
-from proxy.config import ConfigError, Secret, parse_settings, read_environment, secret_files
+from proxy.config import ConfigError, Secret, parse_settings
+from proxy.environment import read_environment, secret_files
 from proxy.metrics import Metrics
 from proxy.reload import Loader, Reloader, file_stamp
 from proxy.serve import config_loader

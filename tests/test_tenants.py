@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from proxy.config import ConfigError, Secret, parse_settings, read_environment
+from proxy.config import ConfigError, Secret, parse_settings
+from proxy.environment import read_environment
 from proxy.tenants import (
     Credentials,
     Limits,

@@ -1,44 +1,23 @@
-"""Tenants from ``EXTERNAL_API_KEY_N_*`` and the tenants JSON file, looked up by key hash."""
+"""Tenants: the model, its checks, and the ``Registry`` that looks a tenant up by key hash."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, Final
 
-from proxy.config import ConfigError, Secret, Settings, mask_key
+from proxy.config import ConfigError, Quotas, Secret, Settings, mask_key
 from proxy.nxlink import ALGORITHMS, DEFAULT_BASE_URL, DEFAULT_BIZ_TYPE
+from proxy.settings_table import QUOTA_FIELDS
+from proxy.tenant_sources import GLOBAL_FALLBACKS, Entry, entries_from_env, entries_from_file
 from proxy.urls import is_http_url
 
 HASH_PREFIX: Final = "sha256:"
-ENV_KEY: Final = re.compile(r"EXTERNAL_API_KEY_(\d+)(_[A-Z0-9_]+)?")
-ENV_FIELDS: Final = {
-    "_ALIAS": "alias",
-    "_DESC": "description",
-    "_OPENAPI_ACCESS_KEY": "accessKey",
-    "_OPENAPI_ACCESS_SECRET": "accessSecret",
-    "_OPENAPI_BIZ_TYPE": "bizType",
-    "_OPENAPI_BASE_URL": "baseUrl",
-    "_OPENAPI_ALGORITHM": "algorithm",
-}
-GLOBAL_FALLBACKS: Final = {
-    "accessKey": "OPENAPI_ACCESS_KEY",
-    "accessSecret": "OPENAPI_ACCESS_SECRET",
-    "bizType": "OPENAPI_BIZ_TYPE",
-    "baseUrl": "OPENAPI_BASE_URL",
-    "algorithm": "OPENAPI_ALGORITHM",
-}
-ENTRY_FIELDS: Final = frozenset(
-    {"apiKey", "apiKeyHash", "apiKeys", "alias", "description", "openapi"}
-    | {"rateLimitRps", "rateLimitBurst", "maxInflight", "appendBatchSize"}
-)
-OPENAPI_FIELDS: Final = frozenset(GLOBAL_FALLBACKS)
+TENANT_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 KEY_FIELDS: Final = frozenset({"apiKey", "apiKeyHash", "notAfter"})
 
 
@@ -64,6 +43,11 @@ class ApiKey:
         """True once ``now`` is past ``notAfter``."""
         return self.not_after is not None and now > self.not_after
 
+    @property
+    def id(self) -> str:
+        """A stable id that names the key without revealing it (derived from its digest)."""
+        return "k-" + self.digest.hex()[:12]
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -87,6 +71,18 @@ class Tenant:
     keys: tuple[ApiKey, ...]
     source: str
     limits: Limits = Limits()
+    id: str = ""  # stable: the file's "id", env-N, demo-N; derived from the alias when absent
+    quotas: Quotas = Quotas()  # the tenant's own; Settings.quota_defaults fill the rest
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            object.__setattr__(self, "id", derived_id(self.alias))
+
+
+def derived_id(alias: str) -> str:
+    """The id of a tenant that has none written down: the same for the same alias, so usage and
+    limits stay with the tenant until the admin API writes the id into the file."""
+    return "t-" + hashlib.sha256(alias.encode("utf-8", "surrogatepass")).hexdigest()[:10]
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,9 +121,9 @@ def hash_key(key: str) -> bytes:
 def load_registry(env: Mapping[str, str], settings: Settings) -> Registry:
     """Every tenant from the environment and the tenants file; one ``ConfigError`` for all."""
     problems: list[str] = []
-    entries = list(_entries_from_env(env, problems))
+    entries = list(entries_from_env(env, problems))
     if settings.tenants_file is not None:
-        entries += _entries_from_file(settings.tenants_file, problems)
+        entries += entries_from_file(settings.tenants_file, problems)
     tenants = [t for t in (_build_tenant(e, env, problems) for e in entries) if t is not None]
     _check_duplicates(tenants, problems)
     if problems:
@@ -135,87 +131,7 @@ def load_registry(env: Mapping[str, str], settings: Settings) -> Registry:
     return Registry(tenants, _warnings(tenants))
 
 
-@dataclass(slots=True)
-class _Entry:
-    """One tenant's raw fields and where they came from."""
-
-    source: str
-    fields: dict[str, Any] = field(repr=False)  # holds the plain key
-    openapi: dict[str, Any] = field(repr=False)  # holds the accessSecret
-    names: dict[str, str] = field(repr=False)
-
-
-def _entries_from_env(env: Mapping[str, str], problems: list[str]) -> Iterable[_Entry]:
-    # Keyed by the digits as written: EXTERNAL_API_KEY_03 and _3 are two variables.
-    groups: dict[str, dict[str, str]] = {}
-    for name, value in env.items():
-        found = ENV_KEY.fullmatch(name)
-        if found is None:
-            continue
-        suffix = found.group(2) or ""
-        if suffix and suffix not in ENV_FIELDS:
-            known = ", ".join(f"EXTERNAL_API_KEY_N{s}" for s in ENV_FIELDS)
-            problems.append(f"{name}: unknown tenant variable; known ones are {known}")
-            continue
-        groups.setdefault(found.group(1), {})[suffix] = value
-    for number in sorted(groups, key=lambda digits: (int(digits), digits)):
-        yield from _env_entry(number, groups[number], problems)
-
-
-def _env_entry(number: str, group: dict[str, str], problems: list[str]) -> Iterable[_Entry]:
-    prefix = f"EXTERNAL_API_KEY_{number}"
-    if not group.get("", "").strip():
-        problems.append(
-            f"{prefix}: missing or empty, but {prefix}_* variables are set; "
-            f"set {prefix} to the tenant's API key or remove the others"
-        )
-        return
-    names = {ENV_FIELDS[s]: prefix + s for s in ENV_FIELDS} | {"apiKey": prefix}
-    fields: dict[str, Any] = {"apiKey": group[""].strip(), "alias": group.get("_ALIAS")}
-    fields["description"] = group.get("_DESC")
-    openapi = {ENV_FIELDS[s]: v for s, v in group.items() if s.startswith("_OPENAPI_")}
-    yield _Entry(prefix, fields, openapi, names)
-
-
-def _entries_from_file(path: Path, problems: list[str]) -> Iterable[_Entry]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        problems.append(
-            f"TENANTS_FILE={path}: cannot read the file ({exc.__class__.__name__}); "
-            "check the path and its permissions"
-        )
-        return
-    except json.JSONDecodeError as exc:
-        problems.append(
-            f"TENANTS_FILE={path}: invalid JSON at line {exc.lineno} column "
-            f"{exc.colno} ({exc.msg}); fix the syntax"
-        )
-        return
-    items = data.get("keys") if isinstance(data, dict) else data
-    if not isinstance(items, list):
-        problems.append(f'TENANTS_FILE={path}: expected a list of tenants or {{"keys": [...]}}')
-        return
-    for index, item in enumerate(items, 1):
-        where = f"{path} entry #{index}"
-        if not isinstance(item, dict):
-            problems.append(f"{where}: expected an object with apiKey and openapi fields")
-            continue
-        if isinstance(item.get("alias"), str):
-            where += f" ({item['alias']})"
-        unknown = sorted(set(item) - ENTRY_FIELDS)
-        openapi = item.get("openapi") or {}
-        if not isinstance(openapi, dict):
-            problems.append(f"{where}: openapi must be an object with accessKey, accessSecret, ...")
-            openapi = {}
-        unknown += [f"openapi.{k}" for k in sorted(set(openapi) - OPENAPI_FIELDS)]
-        if unknown:
-            problems.append(f"{where}: unknown field(s) {', '.join(unknown)}; check the spelling")
-        names = {k: f"{where} {k}" for k in ENTRY_FIELDS | OPENAPI_FIELDS}
-        yield _Entry(where, dict(item), dict(openapi), names)
-
-
-def _build_tenant(entry: _Entry, env: Mapping[str, str], problems: list[str]) -> Tenant | None:
+def _build_tenant(entry: Entry, env: Mapping[str, str], problems: list[str]) -> Tenant | None:
     before = len(problems)
     keys = _parse_keys(entry, problems)
     openapi = {k: _field(entry, env, k, problems) for k in GLOBAL_FALLBACKS}
@@ -236,15 +152,31 @@ def _build_tenant(entry: _Entry, env: Mapping[str, str], problems: list[str]) ->
         credentials = Credentials(
             openapi["accessKey"], Secret(openapi["accessSecret"]), biz_type, algorithm
         )
-    limits = _parse_limits(entry, problems)
+    limits, quotas = _parse_limits(entry, problems), _parse_quotas(entry, problems)
+    tenant_id = entry.fields.get("id")
+    if tenant_id is not None and not (
+        isinstance(tenant_id, str) and TENANT_ID.fullmatch(tenant_id)
+    ):
+        problems.append(f"{entry.place}: id must be 1-64 letters, digits, '.', '_' or '-'")
     if len(problems) > before:
         return None
     alias = str(entry.fields.get("alias") or entry.source)
     description = str(entry.fields.get("description") or "")
-    return Tenant(alias, description, base_url, biz_type, credentials, keys, entry.source, limits)
+    return Tenant(
+        alias,
+        description,
+        base_url,
+        biz_type,
+        credentials,
+        keys,
+        entry.source,
+        limits,
+        tenant_id or "",
+        quotas,
+    )
 
 
-def _field(entry: _Entry, env: Mapping[str, str], name: str, problems: list[str]) -> str:
+def _field(entry: Entry, env: Mapping[str, str], name: str, problems: list[str]) -> str:
     value = entry.openapi.get(name)
     if value is None or value == "":
         value = env.get(GLOBAL_FALLBACKS[name], "")
@@ -254,29 +186,29 @@ def _field(entry: _Entry, env: Mapping[str, str], name: str, problems: list[str]
     return str(value).strip()
 
 
-def _place(entry: _Entry, env: Mapping[str, str], name: str) -> str:
+def _place(entry: Entry, env: Mapping[str, str], name: str) -> str:
     """Where a field's value came from: the tenant's own setting or the global fallback."""
     return entry.names[name] if entry.openapi.get(name) else GLOBAL_FALLBACKS[name]
 
 
-def _parse_keys(entry: _Entry, problems: list[str]) -> tuple[ApiKey, ...]:
+def _parse_keys(entry: Entry, problems: list[str]) -> tuple[ApiKey, ...]:
     raw: list[Any] = []
     for name in ("apiKey", "apiKeyHash"):
         if entry.fields.get(name) is not None:
             raw.append({name: entry.fields[name]})
     listed = entry.fields.get("apiKeys", [])
     if not isinstance(listed, list):
-        problems.append(f"{entry.source}: apiKeys must be a list of keys")
+        problems.append(f"{entry.place}: apiKeys must be a list of keys")
         return ()
     raw += listed
     if not raw:
-        problems.append(f"{entry.source}: no API key; add apiKey, apiKeyHash or apiKeys")
+        problems.append(f"{entry.place}: no API key; add apiKey, apiKeyHash or apiKeys")
     keys = []
     for item in raw:
         try:
             keys.append(_parse_key(item))
         except ValueError as exc:
-            problems.append(f"{entry.source}: {exc}")
+            problems.append(f"{entry.place}: {exc}")
     return tuple(keys)
 
 
@@ -318,7 +250,7 @@ def _parse_time(value: Any) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def _parse_limits(entry: _Entry, problems: list[str]) -> Limits:
+def _parse_limits(entry: Entry, problems: list[str]) -> Limits:
     values: dict[str, Any] = {}
     for name, attr, cast in (
         ("rateLimitRps", "rate_limit_rps", float),
@@ -331,10 +263,38 @@ def _parse_limits(entry: _Entry, problems: list[str]) -> Limits:
             continue
         if not _is_positive(raw, whole=cast is int):
             kind = "whole number" if cast is int else "number"
-            problems.append(f"{entry.source}: {name}={raw!r} must be a positive {kind}")
+            problems.append(f"{_label(entry, name)}={raw!r} must be a positive {kind}")
             continue
         values[attr] = cast(raw)
     return Limits(**values)
+
+
+def _parse_quotas(entry: Entry, problems: list[str]) -> Quotas:
+    raw = entry.fields.get("quotas")
+    if raw is None:
+        return Quotas()
+    if not isinstance(raw, dict):
+        problems.append(
+            f'{entry.place}: quotas must be an object such as {{"numbersPerDay": 5000}}'
+        )
+        return Quotas()
+    unknown = sorted(set(raw) - set(QUOTA_FIELDS))
+    if unknown:
+        known = ", ".join(QUOTA_FIELDS)
+        problems.append(f"{entry.place}: unknown quota(s) {', '.join(unknown)}; use {known}")
+    values = []
+    for name in QUOTA_FIELDS:
+        value = raw.get(name)
+        if value is not None and not _is_positive(value, whole=True):
+            problems.append(f"{_label(entry, name)}={value!r} must be a positive whole number")
+            value = None
+        values.append(value)
+    return Quotas(*values)
+
+
+def _label(entry: Entry, name: str) -> str:
+    """How a problem names a field: its variable for an environment tenant, else entry + field."""
+    return f"{entry.place}: {name}" if entry.where else entry.names[name]
 
 
 def _is_positive(raw: Any, *, whole: bool) -> bool:
@@ -345,6 +305,14 @@ def _is_positive(raw: Any, *, whole: bool) -> bool:
 
 
 def _check_duplicates(tenants: Sequence[Tenant], problems: list[str]) -> None:
+    ids: dict[str, str] = {}
+    for tenant in tenants:
+        if tenant.id in ids:
+            problems.append(
+                f"tenant id {tenant.id} ({tenant.alias}) is used twice: in {ids[tenant.id]} and "
+                f"in {tenant.source}; give each tenant its own id and alias"
+            )
+        ids.setdefault(tenant.id, tenant.source)
     seen: dict[bytes, str] = {}
     for tenant in tenants:
         for key in tenant.keys:
@@ -391,7 +359,8 @@ def demo_registry(base_url: str) -> Registry:
             Credentials(ak, Secret(f"{ak}-secret"), DEFAULT_BIZ_TYPE, "md5"),
             (ApiKey(hash_key(key), mask_key(key)),),
             f"demo tenant {alias}",
+            id=f"demo-{number}",
         )
-        for alias, desc, key, ak in DEMO_TENANTS
+        for number, (alias, desc, key, ak) in enumerate(DEMO_TENANTS, 1)
     ]
     return Registry(tenants)

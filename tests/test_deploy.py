@@ -19,7 +19,8 @@ from proxy.app import create_app
 from proxy.config import Settings, parse_settings
 from proxy.environment import FILE_CAPABLE, FILE_SUFFIX, read_environment
 from proxy.settings_table import DEFAULTS
-from proxy.tenants import ENV_FIELDS, ENV_KEY, GLOBAL_FALLBACKS, Registry, load_registry
+from proxy.tenant_sources import ENV_KEY, ENV_SUFFIXES_ALL, GLOBAL_FALLBACKS
+from proxy.tenants import Registry, load_registry
 from tests.test_container import DOCKERFILE, REPO, final_stage, only
 
 DEPLOY: Final = REPO / "deploy"
@@ -47,7 +48,7 @@ def reads_plain(name: str) -> bool:
     if name in DEFAULTS or name in GLOBAL_FALLBACKS.values():
         return True
     found = ENV_KEY.fullmatch(name)
-    return found is not None and (found.group(2) is None or found.group(2) in ENV_FIELDS)
+    return found is not None and (found.group(2) is None or found.group(2) in ENV_SUFFIXES_ALL)
 
 
 @pytest.mark.parametrize(

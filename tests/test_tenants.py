@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from proxy.config import ConfigError, Secret, parse_settings
+from proxy.config import ConfigError, Quotas, Secret, parse_settings
 from proxy.environment import read_environment
 from proxy.tenants import (
     Credentials,
@@ -17,6 +17,7 @@ from proxy.tenants import (
     Registry,
     Tenant,
     demo_registry,
+    hash_key,
     load_registry,
 )
 
@@ -196,7 +197,7 @@ def test_tenants_file_may_be_a_list_or_a_keys_object(shape: str, tmp_path: Path)
     assert tenant.base_url == "http://127.0.0.1:9000/prefix"
     assert tenant.biz_type == "9"
     assert tenant.credentials == Credentials("ak-file", Secret("sk-file"), "9", "sha256")
-    assert tenant.source == f"{tmp_path / 'tenants.json'} entry #1 (文件租户)"
+    assert tenant.source == f"{tmp_path / 'tenants.json'} entry #1"  # the alias is shown apart
 
 
 def test_env_and_file_tenants_are_merged(tmp_path: Path) -> None:
@@ -460,3 +461,97 @@ def test_demo_registry_has_the_two_seed_tenants() -> None:
     finance = tenant_for(registry, "finance-platform-key-xyz789")
     assert finance.base_url == "http://127.0.0.1:8002"
     assert finance.credentials is not None
+
+
+def test_env_tenant_takes_limits_quotas_and_a_previous_key() -> None:
+    registry = registry_of(
+        {
+            "EXTERNAL_API_KEY_4": "key-four-new",
+            "EXTERNAL_API_KEY_4_PREVIOUS": "key-four-old",
+            "EXTERNAL_API_KEY_4_PREVIOUS_NOT_AFTER": "2030-01-01T00:00:00Z",
+            "EXTERNAL_API_KEY_4_RATE_LIMIT_RPS": "2.5",
+            "EXTERNAL_API_KEY_4_RATE_LIMIT_BURST": "5",
+            "EXTERNAL_API_KEY_4_MAX_INFLIGHT": "3",
+            "EXTERNAL_API_KEY_4_QUOTA_NUMBERS_PER_DAY": "5000",
+            "EXTERNAL_API_KEY_4_QUOTA_REQUESTS_PER_MONTH": "90000",
+        }
+    )
+    tenant = tenant_for(registry, "key-four-new")
+    assert tenant_for(registry, "key-four-old") is tenant
+    assert tenant.id == "env-4"
+    assert tenant.limits == Limits(2.5, 5, 3)
+    assert tenant.quotas == Quotas(numbers_per_day=5000, requests_per_month=90000)
+    old = registry.lookup("key-four-old")
+    assert old is not None and old.key.not_after is not None
+    assert old.key.not_after.year == 2030
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("EXTERNAL_API_KEY_1_RATE_LIMIT_RPS", "fast"),
+        ("EXTERNAL_API_KEY_1_MAX_INFLIGHT", "2.5"),
+        ("EXTERNAL_API_KEY_1_QUOTA_NUMBERS_PER_DAY", "0"),
+        ("EXTERNAL_API_KEY_1_QUOTA_REQUESTS_PER_DAY", "many"),
+    ],
+)
+def test_bad_env_limit_or_quota_names_its_variable(variable: str, value: str) -> None:
+    [problem] = problems_of({"EXTERNAL_API_KEY_1": "key-one", variable: value})
+    assert problem.startswith(f"{variable}="), problem
+    assert "must be a positive" in problem
+
+
+def test_previous_not_after_without_a_previous_key_is_an_error() -> None:
+    [problem] = problems_of(
+        {"EXTERNAL_API_KEY_1": "key-one", "EXTERNAL_API_KEY_1_PREVIOUS_NOT_AFTER": "2030-01-01"}
+    )
+    assert problem.startswith("EXTERNAL_API_KEY_1_PREVIOUS_NOT_AFTER=2030-01-01: ")
+
+
+def test_file_quotas_and_id_are_read(tmp_path: Path) -> None:
+    entry = {"id": "shop-a", "apiKey": "k-quotas", "quotas": {"numbersPerDay": 10}}
+    tenant = tenant_for(registry_of({}, [entry], tmp_path), "k-quotas")
+    assert (tenant.id, tenant.quotas) == ("shop-a", Quotas(numbers_per_day=10))
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ({"apiKey": "k1", "quotas": {"numbersPerDay": 0}}, "numbersPerDay=0 must be a positive"),
+        ({"apiKey": "k1", "quotas": {"numbersPerDay": 1.5}}, "numbersPerDay=1.5"),
+        ({"apiKey": "k1", "quotas": {"numbersPerWeek": 5}}, "unknown quota(s) numbersPerWeek"),
+        ({"apiKey": "k1", "quotas": [5]}, "quotas must be an object"),
+        ({"apiKey": "k1", "id": "no spaces please"}, "id must be 1-64 letters"),
+    ],
+)
+def test_bad_quota_or_id_in_the_file_is_named(
+    entry: dict[str, Any], expected: str, tmp_path: Path
+) -> None:
+    [problem] = problems_of({}, [entry], tmp_path)
+    assert problem.startswith(f"{tmp_path / 'tenants.json'} entry #1"), problem
+    assert expected in problem
+
+
+def test_tenants_without_an_id_get_one_derived_from_the_alias(tmp_path: Path) -> None:
+    entries = [{"apiKey": "k-one", "alias": "one"}, {"apiKey": "k-two", "alias": "two"}]
+    first = registry_of({}, entries, tmp_path)
+    again = registry_of({}, list(reversed(entries)), tmp_path)
+    assert tenant_for(first, "k-one").id == tenant_for(again, "k-one").id
+    assert tenant_for(first, "k-one").id != tenant_for(first, "k-two").id
+
+
+def test_the_same_tenant_id_twice_names_both_places(tmp_path: Path) -> None:
+    entries = [{"apiKey": "k-one", "id": "same"}, {"apiKey": "k-two", "id": "same"}]
+    [problem] = problems_of({}, entries, tmp_path)
+    assert "tenant id same" in problem and "entry #1" in problem and "entry #2" in problem
+
+
+def test_demo_tenants_have_stable_ids() -> None:
+    assert [t.id for t in demo_registry("http://x").tenants] == ["demo-1", "demo-2"]
+
+
+def test_key_ids_are_stable_and_reveal_nothing() -> None:
+    registry = registry_of({"EXTERNAL_API_KEY_1": "key-one-secret-value"})
+    key = tenant_for(registry, "key-one-secret-value").keys[0]
+    assert key.id == "k-" + hash_key("key-one-secret-value").hex()[:12]
+    assert "key-one" not in key.id

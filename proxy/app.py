@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Final
@@ -14,6 +15,7 @@ from aiohttp import web
 from proxy.append import handle_append
 from proxy.appkeys import (
     ACTIONS,
+    BACKEND,
     IDEMPOTENCY,
     LIMITER,
     METRICS,
@@ -44,8 +46,12 @@ from proxy.middleware import (
 )
 from proxy.nxlink import now_ms
 from proxy.reload import Loader, Reloader
+from proxy.state import StateBackend, open_state
+from proxy.state.fallback import ResilientState
 from proxy.tenants import Registry
 from proxy.upstream import UpstreamClient, create_pool
+
+logger = logging.getLogger(__name__)
 
 # Routes answered without an API key.
 PUBLIC_ROUTES: Final = frozenset({"keys", "healthz", "readyz", "metrics"})
@@ -60,6 +66,7 @@ def create_app(
     clock: Callable[[], int] = now_ms,
     reload: Loader | None = None,
     watch: Sequence[Path] = (),
+    open_backend: Callable[[str], StateBackend] = open_state,
 ) -> web.Application:
     """The gateway as an aiohttp application; the only way to build one."""
     app = web.Application(
@@ -76,8 +83,8 @@ def create_app(
     app[STATE] = GatewayState(registry)
     app[ACTIONS] = action_table(settings.extra_actions)
     app[METRICS] = Metrics()
-    app[LIMITER] = Limiter(settings)
     app[IDEMPOTENCY] = MemoryIdempotencyStore(ttl=settings.idempotency_ttl)
+    app.cleanup_ctx.append(_state_lifetime(open_backend))
     app.cleanup_ctx.append(_upstream_lifetime(clock))
     if reload is not None:
         sources = (settings.tenants_file, Path(settings.env_file), *watch)
@@ -131,9 +138,36 @@ def _upstream_lifetime(
     return lifetime
 
 
+def _state_lifetime(
+    open_backend: Callable[[str], StateBackend],
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        backend = open_backend(settings.state_url)
+        state = app[BACKEND] = ResilientState(backend, on_error=app[METRICS].state_errors.inc)
+        logger.info(
+            "state backend",
+            extra={"url": backend.url, "shared": backend.shared, "durable": backend.durable},
+        )
+        limiter = app[LIMITER] = Limiter(settings, state)
+        tasks = [asyncio.create_task(limiter.keep_slots(), name="renew-slots")]
+        yield
+        await _stop(tasks)
+        await state.close()
+
+    return lifetime
+
+
+async def _stop(tasks: Sequence[asyncio.Task[None]]) -> None:
+    """Cancel background tasks and wait for them to end."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 async def _reload_lifetime(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(app[RELOADER].watch(), name="config-reload")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await _stop([task])

@@ -14,6 +14,7 @@ from proxy.idempotency import IdempotencyStore
 from proxy.limits import Limiter
 from proxy.metrics import Metrics
 from proxy.reload import Reloader
+from proxy.state.fallback import ResilientState
 from proxy.tenants import Credentials, Registry, Tenant
 from proxy.upstream import UpstreamClient
 
@@ -35,6 +36,7 @@ METRICS: Final = web.AppKey("metrics", Metrics)
 LIMITER: Final = web.AppKey("limiter", Limiter)
 RELOADER: Final = web.AppKey("reloader", Reloader)
 IDEMPOTENCY: Final = web.AppKey[IdempotencyStore]("idempotency")
+BACKEND: Final = web.AppKey("backend", ResilientState)
 
 
 @dataclass(slots=True)

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import __version__
 from proxy.appkeys import (
+    BACKEND,
     METRICS,
     SETTINGS,
     STATE,
@@ -90,10 +91,12 @@ async def handle_healthz(request: web.Request) -> web.Response:
 
 
 async def handle_readyz(request: web.Request) -> web.Response:
-    """Readiness: configuration loaded and not draining."""
+    """Readiness: configuration loaded and not draining. A state backend that does not answer
+    is reported, not fatal: requests go on with this process's limits."""
     state = request.app[STATE]
     if state.draining:
         raise NotReady("Draining for shutdown")
     if not state.ready:
         raise NotReady("Configuration not loaded yet")
-    return envelope("ready", {"status": "ready", "tenants": len(state.registry)})
+    shared = "ok" if await request.app[BACKEND].ping() else "unavailable"
+    return envelope("ready", {"status": "ready", "tenants": len(state.registry), "state": shared})

@@ -67,6 +67,11 @@ class Metrics:
             ["tenant", "result"],
             registry=self.registry,
         )
+        self.state_errors = Counter(
+            f"{PREFIX}_state_errors",
+            "State backend calls that failed (limits and quotas then use this process's memory)",
+            registry=self.registry,
+        )
 
         # Labelled children of the two per-request metrics, looked up once per label set.
         self._counted: dict[tuple[str, str, str], Counter] = {}

@@ -175,7 +175,7 @@ async def limits_middleware(request: web.Request, handler: Handler) -> web.Strea
     if tenant is None:
         return await handler(request)
     try:
-        with request.app[LIMITER].admit(tenant):
+        async with request.app[LIMITER].admit(tenant):
             return await handler(request)
     except TooManyRequests as exc:
         metrics(request).limited.labels(tenant.alias, exc.code).inc()

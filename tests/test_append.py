@@ -434,12 +434,12 @@ async def test_idempotent_replay_makes_no_upstream_call(
     assert len(upstream.received) == calls == 1
 
 
-async def test_idempotency_key_with_another_body_is_409(
+async def test_idempotency_key_with_another_body_is_422(
     gateway: Client, upstream: Upstream
 ) -> None:
     await post(gateway, KEY_A, {"taskId": "t", "phoneNumbers": ["13800138000"]}, "k")
     status, body = await post(gateway, KEY_A, {"taskId": "t", "phoneNumbers": ["13900139000"]}, "k")
-    assert (status, body["error"]) == (409, "IDEMPOTENCY_KEY_REUSED")
+    assert (status, body["error"]) == (422, "IDEMPOTENCY_KEY_REUSED")
     assert len(upstream.received) == 1
 
 

@@ -15,8 +15,8 @@ from aiohttp import web
 from proxy.append import handle_append
 from proxy.appkeys import (
     ACTIONS,
+    APPEND_RUNS,
     BACKEND,
-    IDEMPOTENCY,
     LIMITER,
     METRICS,
     RELOADER,
@@ -34,7 +34,6 @@ from proxy.handlers import (
     handle_readyz,
     handle_status,
 )
-from proxy.idempotency import MemoryIdempotencyStore
 from proxy.limits import Limiter
 from proxy.metrics import Metrics
 from proxy.middleware import (
@@ -83,7 +82,7 @@ def create_app(
     app[STATE] = GatewayState(registry)
     app[ACTIONS] = action_table(settings.extra_actions)
     app[METRICS] = Metrics()
-    app[IDEMPOTENCY] = MemoryIdempotencyStore(ttl=settings.idempotency_ttl)
+    app[APPEND_RUNS] = set()
     app.cleanup_ctx.append(_state_lifetime(open_backend))
     app.cleanup_ctx.append(_upstream_lifetime(clock))
     if reload is not None:
@@ -152,6 +151,9 @@ def _state_lifetime(
         limiter = app[LIMITER] = Limiter(settings, state)
         tasks = [asyncio.create_task(limiter.keep_slots(), name="renew-slots")]
         yield
+        runs = app[APPEND_RUNS]
+        if runs:  # runs whose clients left: let them finish their batches
+            await asyncio.wait(list(runs), timeout=settings.shutdown_grace)
         await _stop(tasks)
         await state.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -10,7 +11,6 @@ from aiohttp import web
 
 from proxy.config import Settings
 from proxy.errors import ConfigIncomplete
-from proxy.idempotency import IdempotencyStore
 from proxy.limits import Limiter
 from proxy.metrics import Metrics
 from proxy.reload import Reloader
@@ -35,7 +35,7 @@ UPSTREAM: Final = web.AppKey("upstream", UpstreamClient)
 METRICS: Final = web.AppKey("metrics", Metrics)
 LIMITER: Final = web.AppKey("limiter", Limiter)
 RELOADER: Final = web.AppKey("reloader", Reloader)
-IDEMPOTENCY: Final = web.AppKey[IdempotencyStore]("idempotency")
+APPEND_RUNS: Final = web.AppKey[set["asyncio.Task[bytes]"]]("append_runs")
 BACKEND: Final = web.AppKey("backend", ResilientState)
 
 

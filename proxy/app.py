@@ -19,6 +19,7 @@ from proxy.appkeys import (
     BACKEND,
     LIMITER,
     METRICS,
+    QUOTAS,
     RELOADER,
     SETTINGS,
     STATE,
@@ -44,6 +45,7 @@ from proxy.middleware import (
     request_id_middleware,
 )
 from proxy.nxlink import now_ms
+from proxy.quotas import QuotaBook
 from proxy.reload import Loader, Reloader
 from proxy.state import StateBackend, open_state
 from proxy.state.fallback import ResilientState
@@ -54,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 # Routes answered without an API key.
 PUBLIC_ROUTES: Final = frozenset({"keys", "healthz", "readyz", "metrics"})
+# Routes that count against a tenant's requests quotas.
+COUNTED_ROUTES: Final = frozenset({"forward", "append"})
 # Methods forwarded under /openapi/ (OPTIONS stays free for CORS preflights).
 FORWARD_METHODS: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
@@ -74,7 +78,7 @@ def create_app(
             metrics_middleware,
             error_middleware,
             auth_middleware(public_routes=PUBLIC_ROUTES),
-            limits_middleware,
+            limits_middleware(counted_routes=COUNTED_ROUTES),
         ],
         client_max_size=settings.max_body_bytes,
     )
@@ -149,6 +153,7 @@ def _state_lifetime(
             extra={"url": backend.url, "shared": backend.shared, "durable": backend.durable},
         )
         limiter = app[LIMITER] = Limiter(settings, state)
+        app[QUOTAS] = QuotaBook(settings, state)
         tasks = [asyncio.create_task(limiter.keep_slots(), name="renew-slots")]
         yield
         runs = app[APPEND_RUNS]

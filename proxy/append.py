@@ -17,6 +17,7 @@ from proxy import errors
 from proxy.appkeys import (
     APPEND_RUNS,
     BACKEND,
+    QUOTAS,
     SETTINGS,
     context,
     current_credentials,
@@ -39,6 +40,7 @@ from proxy.idempotency import (
 )
 from proxy.numbers import AppendCall, ContactItem, decode_json, parse_call
 from proxy.nxlink import APPEND_ACTION, APPEND_PATH, SUCCESS_CODES
+from proxy.ratelimit_headers import learn_quotas
 from proxy.state.base import Claim, ClaimStatus, JournalEntry
 from proxy.tenants import Credentials
 from proxy.upstream import UpstreamClient, UpstreamRequest, json_headers
@@ -165,19 +167,47 @@ class AppendJob:
     batch_size: int
     concurrency: int
 
-    async def run(
-        self, journal: JournalRun | None = None, recorded: Mapping[int, JournalEntry] | None = None
-    ) -> list[Result]:
-        """Send every batch not in ``recorded`` (a previous owner's journal) and gather results."""
+    def plan(self, recorded: Mapping[int, JournalEntry] | None = None) -> Plan:
+        """The batches to send now, and the results a previous owner's journal already gives."""
         entries = self.call.entries
         known = recovered(entries, recorded) if recorded else {}
         start = max(recorded, default=-1) + 1 if recorded else 0
         batches = make_batches(entries, self.batch_size, start=start, skip=known.keys())
+        return Plan(known, batches)
+
+    async def run(self, plan: Plan, journal: JournalRun | None = None) -> list[list[Result]]:
+        """Send the plan's batches; their results in batch order."""
         send = self.sender.send
         if journal is not None:
             send = partial(journal.send, send=self.sender.send)
-        outcomes = await run_batches(send, batches, self.concurrency)
-        return collect(entries, batches, outcomes, known)
+        return await run_batches(send, plan.batches, self.concurrency)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What one run sends, and what it knows without sending."""
+
+    known: Mapping[int, Result]
+    batches: Sequence[Batch]
+
+    @property
+    def numbers(self) -> int:
+        return sum(len(b.items) for b in self.batches)
+
+
+async def counted_run(
+    request: web.Request, job: AppendJob, plan: Plan, journal: JournalRun | None = None
+) -> list[Result]:
+    """The run within the tenant's numbers quotas: reserved whole before anything is sent
+    (429 ``QUOTA_EXCEEDED`` when they do not fit), the numbers nxlink refused given back."""
+    book, tenant = request.app[QUOTAS], current_tenant(request)
+    if plan.numbers:
+        statuses = await book.reserve(tenant, "numbers", plan.numbers)
+        learn_quotas(context(request).limits, statuses)
+    outcomes = await job.run(plan, journal)
+    accepted = sum(1 for outcome in outcomes for r in outcome if r["success"])
+    await book.give_back(tenant, "numbers", plan.numbers - accepted)
+    return collect(job.call.entries, plan.batches, outcomes, plan.known)
 
 
 def append_job(request: web.Request, raw: bytes) -> AppendJob:
@@ -222,14 +252,14 @@ async def handle_append(request: web.Request) -> web.Response:
 
 
 async def _plain(request: web.Request, job: AppendJob) -> bytes:
-    return answer_of(request, job, await job.run())
+    return answer_of(request, job, await counted_run(request, job, job.plan()))
 
 
 async def _journaled(request: web.Request, job: AppendJob, run: JournalRun, claim: Claim) -> bytes:
     """The run with its lease kept; given up (journal kept) if it fails."""
     keeper = asyncio.create_task(run.keep_lease(), name="idempotency-lease")
     try:
-        results = await job.run(run, claim.journal)
+        results = await counted_run(request, job, job.plan(claim.journal), run)
         answer = answer_of(request, job, results)
         await run.finish(answer, request.app[SETTINGS].idempotency_ttl)
         return answer

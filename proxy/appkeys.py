@@ -13,6 +13,8 @@ from proxy.config import Settings
 from proxy.errors import ConfigIncomplete
 from proxy.limits import Limiter
 from proxy.metrics import Metrics
+from proxy.quotas import QuotaBook
+from proxy.ratelimit_headers import LimitState
 from proxy.reload import Reloader
 from proxy.state.fallback import ResilientState
 from proxy.tenants import Credentials, Registry, Tenant
@@ -37,6 +39,7 @@ LIMITER: Final = web.AppKey("limiter", Limiter)
 RELOADER: Final = web.AppKey("reloader", Reloader)
 APPEND_RUNS: Final = web.AppKey[set["asyncio.Task[bytes]"]]("append_runs")
 BACKEND: Final = web.AppKey("backend", ResilientState)
+QUOTAS: Final = web.AppKey("quotas", QuotaBook)
 
 
 @dataclass(slots=True)
@@ -50,6 +53,7 @@ class RequestContext:
     api_key: str = ""
     upstream_status: int | None = None
     response_started: bool = False  # headers sent: no error envelope is possible any more
+    limits: LimitState | None = None  # the tenant's limits in force, for the RateLimit headers
 
 
 CONTEXT: Final = web.RequestKey("context", RequestContext)

@@ -270,6 +270,8 @@ async def stream_back(request: web.Request, answer: Response, timing: str) -> we
     ctx = context(request)
     headers["X-Request-Id"] = ctx.request_id
     headers["Server-Timing"] = timing
+    if ctx.limits is not None:
+        headers.extend(ctx.limits.headers())
     ctx.upstream_status = answer.status
     body = answer.body_if_complete()
     if body is not None and request.method != "HEAD":

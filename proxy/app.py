@@ -24,6 +24,7 @@ from proxy.appkeys import (
     SETTINGS,
     STATE,
     UPSTREAM,
+    USAGE,
     GatewayState,
 )
 from proxy.config import Settings
@@ -34,6 +35,7 @@ from proxy.handlers import (
     handle_metrics,
     handle_readyz,
     handle_status,
+    handle_usage,
 )
 from proxy.limits import Limiter
 from proxy.metrics import Metrics
@@ -51,6 +53,7 @@ from proxy.state import StateBackend, open_state
 from proxy.state.fallback import ResilientState
 from proxy.tenants import Registry
 from proxy.upstream import UpstreamClient, create_pool
+from proxy.usage import UsageLedger
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +107,7 @@ def _add_routes(app: web.Application) -> None:
     app.router.add_get("/api/openapi/status", handle_status, name="status")
     app.router.add_get("/api/openapi/keys", handle_keys, name="keys")
     app.router.add_post("/api/openapi/append-numbers", handle_append, name="append")
+    app.router.add_get("/api/openapi/usage", handle_usage, name="usage")
     app.router.add_get("/healthz", handle_healthz, name="healthz")
     app.router.add_get("/readyz", handle_readyz, name="readyz")
     app.router.add_get("/metrics", handle_metrics, name="metrics")
@@ -153,13 +157,18 @@ def _state_lifetime(
             extra={"url": backend.url, "shared": backend.shared, "durable": backend.durable},
         )
         limiter = app[LIMITER] = Limiter(settings, state)
-        app[QUOTAS] = QuotaBook(settings, state)
-        tasks = [asyncio.create_task(limiter.keep_slots(), name="renew-slots")]
+        book = app[QUOTAS] = QuotaBook(settings, state, observe=app[METRICS].observe_quotas)
+        usage = app[USAGE] = UsageLedger(state, book.zone)
+        tasks = [
+            asyncio.create_task(limiter.keep_slots(), name="renew-slots"),
+            asyncio.create_task(usage.keep_flushing(), name="flush-usage"),
+        ]
         yield
         runs = app[APPEND_RUNS]
         if runs:  # runs whose clients left: let them finish their batches
             await asyncio.wait(list(runs), timeout=settings.shutdown_grace)
         await _stop(tasks)
+        await usage.flush()
         await state.close()
 
     return lifetime

@@ -19,6 +19,7 @@ from proxy.appkeys import (
     BACKEND,
     QUOTAS,
     SETTINGS,
+    USAGE,
     context,
     current_credentials,
     current_tenant,
@@ -229,6 +230,7 @@ def answer_of(request: web.Request, job: AppendJob, results: Sequence[Result]) -
     counter = metrics(request).append_numbers
     counter.labels(tenant.alias, "success").inc(len(results) - failed)
     counter.labels(tenant.alias, "failure").inc(failed)
+    request.app[USAGE].count_numbers(tenant, len(results) - failed, failed)
     logger.info("append-numbers for %s: %d numbers, %d failed", tenant.alias, len(results), failed)
     return answer_body(job.call.task_id, results, context(request).api_key)
 
@@ -236,6 +238,7 @@ def answer_of(request: web.Request, job: AppendJob, results: Sequence[Result]) -
 async def handle_append(request: web.Request) -> web.Response:
     """``POST /api/openapi/append-numbers``; a repeated Idempotency-Key replays the answer."""
     settings = request.app[SETTINGS]
+    context(request).action = APPEND_ACTION
     raw = await read_body(request, settings.max_body_bytes, settings.upstream_timeout)
     given = idempotency_header(request)
     job = append_job(request, raw)

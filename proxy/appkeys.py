@@ -19,6 +19,7 @@ from proxy.reload import Reloader
 from proxy.state.fallback import ResilientState
 from proxy.tenants import Credentials, Registry, Tenant
 from proxy.upstream import UpstreamClient
+from proxy.usage import UsageLedger
 
 
 @dataclass(slots=True)
@@ -40,6 +41,7 @@ RELOADER: Final = web.AppKey("reloader", Reloader)
 APPEND_RUNS: Final = web.AppKey[set["asyncio.Task[bytes]"]]("append_runs")
 BACKEND: Final = web.AppKey("backend", ResilientState)
 QUOTAS: Final = web.AppKey("quotas", QuotaBook)
+USAGE: Final = web.AppKey("usage", UsageLedger)
 
 
 @dataclass(slots=True)
@@ -53,6 +55,7 @@ class RequestContext:
     api_key: str = ""
     upstream_status: int | None = None
     response_started: bool = False  # headers sent: no error envelope is possible any more
+    action: str = ""  # the nxlink action, once known (usage counts requests by action)
     limits: LimitState | None = None  # the tenant's limits in force, for the RateLimit headers
 
 

@@ -237,7 +237,7 @@ async def handle_forward(request: web.Request) -> web.StreamResponse:
     tenant = current_tenant(request)
     credentials = credentials_of(tenant)
     settings = app[SETTINGS]
-    action = resolve_action(request.headers, request.path, app[ACTIONS])
+    action = ctx.action = resolve_action(request.headers, request.path, app[ACTIONS])
     url = build_upstream_url(
         tenant.base_url, request.raw_path.partition("?")[0], request.rel_url.raw_query_string
     )

@@ -18,6 +18,7 @@ from proxy.appkeys import (
     QUOTAS,
     SETTINGS,
     STATE,
+    USAGE,
     RequestContext,
     metrics,
 )
@@ -88,10 +89,13 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         return response
     finally:
         registry.in_flight -= 1
-        tenant = request[CONTEXT].tenant
+        ctx = request[CONTEXT]
+        tenant = ctx.tenant
         route = request.match_info.route.name or "unmatched"
         alias = tenant.alias if tenant is not None else ""
         registry.count_request(alias, route, status)
+        if tenant is not None:
+            request.app[USAGE].count_request(tenant, ctx.action or route, status)
 
 
 @web.middleware

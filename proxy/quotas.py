@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Final, Literal
@@ -55,6 +55,13 @@ class QuotaStatus:
         }
 
 
+Observer = Callable[[str, Sequence["QuotaStatus"]], None]
+
+
+def _unobserved(alias: str, statuses: Sequence[QuotaStatus]) -> None:
+    return None
+
+
 def window_of(name: str, now: datetime) -> Window:
     """The day or month (``now`` is aware, in the quota time zone) that ``name`` counts in."""
     today = now.date()
@@ -81,8 +88,8 @@ def quota_key(tenant: Tenant, name: str, window: Window) -> str:
 class QuotaBook:
     """Reserves and gives back a tenant's numbers and requests."""
 
-    def __init__(self, settings: Settings, state: ResilientState):
-        self.defaults, self.state = settings.quota_defaults, state
+    def __init__(self, settings: Settings, state: ResilientState, observe: Observer = _unobserved):
+        self.defaults, self.state, self.observe = settings.quota_defaults, state, observe
         self.zone = ZoneInfo(settings.quota_timezone)
         self._no_defaults = self.defaults == NO_QUOTAS
 
@@ -113,6 +120,7 @@ class QuotaBook:
         charges = self._charges(tenant, statuses, amount)
         result = await self.state.shared_or_local(lambda s: s.reserve(charges))
         counted = _counted(statuses, result)
+        self.observe(tenant.alias, counted)
         if result.refused is not None:
             raise _exceeded(counted[result.refused], amount)
         return counted

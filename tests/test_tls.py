@@ -22,6 +22,8 @@ from proxy.tenants import Registry
 from proxy.tls import CertificatePair, CertificateWatcher, server_context
 from tests.conftest import CREDS_A, KEY_A, Upstream, make_settings, make_tenant
 from tests.processes import eventually, gateway_process, process_env, tenant_entry
+from tests.test_container import process_env as image_process_env
+from tests.test_container import run_healthcheck
 
 REFUSED = "TLS certificate reload refused; keeping the running one"
 RELOADED = "TLS certificate reloaded"
@@ -261,3 +263,15 @@ def test_bad_pem_at_start_up_is_one_clear_line_and_exit_1(
     assert len(problems) == 1
     assert problems[0].startswith(f"{named}={cert if named == 'TLS_CERT_FILE' else key}: ")
     assert why in problems[0]
+
+
+async def test_the_image_healthcheck_speaks_https_when_tls_is_on(
+    tmp_path: Path, authority: Authority, upstream: Upstream
+) -> None:
+    pair = served_files(tmp_path, authority.issue("first"))
+    tenants = [tenant_entry("tenant-a", KEY_A, upstream.base_url, CREDS_A)]
+    settings = {"TLS_CERT_FILE": str(pair.cert), "TLS_KEY_FILE": str(pair.key)}
+    async with gateway_process(tmp_path, tenants, **settings) as gateway:
+        env = image_process_env(settings | {"PORT": str(gateway.port)})
+        done = await asyncio.to_thread(run_healthcheck, env, tmp_path)
+        assert done.returncode == 0, done.stderr

@@ -270,6 +270,10 @@ HEADERS: Final = {
         "required": True,
         "schema": {"type": "integer", "minimum": 1},
     },
+    "RetryAfterWhileRunning": {
+        "description": "Seconds to wait, when the first request with this key still runs.",
+        "schema": {"type": "integer", "minimum": 1},
+    },
     "RateLimit-Policy": {
         "description": "The limits in force for this tenant (draft-ietf-httpapi-ratelimit-headers),"
         ' e.g. `"rate";q=50;w=1, "numbersPerDay";q=5000;w=86400`.',

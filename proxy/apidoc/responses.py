@@ -68,7 +68,12 @@ NAMES: Final = {
     503: "ServiceUnavailable",
     504: "GatewayTimeout",
 }
-HEADERS_BY_STATUS: Final = {405: ("Allow",), 409: ("Retry-After",), 429: ("Retry-After",)}
+# Response header → its component, by status (a 409 has Retry-After only while a run is going).
+HEADERS_BY_STATUS: Final = {
+    405: {"Allow": "Allow"},
+    409: {"Retry-After": "RetryAfterWhileRunning"},
+    429: {"Retry-After": "Retry-After"},
+}
 
 
 def codes_of(status: int) -> list[str]:
@@ -93,11 +98,16 @@ def headers(*names: str, always: tuple[str, ...] = ("X-Request-Id",)) -> JSON:
     return {name: ref("headers", name) for name in (*always, *names)}
 
 
+def _error_headers(status: int) -> JSON:
+    extra = {name: ref("headers", part) for name, part in HEADERS_BY_STATUS.get(status, {}).items()}
+    return headers() | extra
+
+
 def error_response(status: int) -> JSON:
     """The gateway's own error answer with ``status``."""
     return {
         "description": _description(status),
-        "headers": headers(*HEADERS_BY_STATUS.get(status, ())),
+        "headers": _error_headers(status),
         "content": {"application/json": {"schema": ref("schemas", f"{NAMES[status]}Error")}},
     }
 
@@ -108,7 +118,7 @@ def forward_error(status: int) -> JSON:
     return {
         "description": f"{_description(status)}\n\nor nxlink's own answer with this status, "
         "passed through as it came",
-        "headers": headers(*HEADERS_BY_STATUS.get(status, ())),
+        "headers": _error_headers(status),
         "content": {"application/json": {"schema": either}, "*/*": {"schema": {}}},
     }
 

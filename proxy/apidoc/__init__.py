@@ -50,4 +50,4 @@ def build_document() -> JSON:
 @functools.cache
 def document_bytes() -> bytes:
     """The document as UTF-8 JSON, encoded once."""
-    return json.dumps(build_document(), ensure_ascii=False, indent=1).encode()
+    return json.dumps(build_document(), ensure_ascii=False, separators=(",", ":")).encode()

@@ -59,7 +59,7 @@ APPEND: Final = operation(
             *RATE_HEADERS,
         )
     }
-    | errors(400, *TENANT_ERRORS[:2], 408, 409, 413, 422, *TENANT_ERRORS[2:], 503),
+    | errors(400, 401, 403, 408, 409, 413, 422, 429, 500, 503),
     description="Sent to nxlink's `call/append` (action `callAppend`) in batches, a few in "
     "flight. A batch nxlink refuses fails only its own numbers.",
     parameters=[ref("parameters", "IdempotencyKey")],
@@ -134,8 +134,9 @@ def forward_responses(method: str, *, any_type: bool) -> JSON:
     content: JSON = {"application/json": {"schema": ref("schemas", "NxlinkAnswer")}}
     if any_type:
         content["*/*"] = {"schema": {}}
-    ok = {"description": passed, "headers": headers(), "content": content}
-    everything = {"description": passed, "headers": headers(), "content": {"*/*": {"schema": {}}}}
+    ok = {"description": passed, "headers": headers(*RATE_HEADERS), "content": content}
+    anything: JSON = {"*/*": {"schema": {}}}
+    everything = {"description": passed, "headers": headers(*RATE_HEADERS), "content": anything}
     failures = {str(status): forward_error(status) for status in FORWARD_ERRORS}
     answers = {"200": ok, **failures, "default": everything}
     if method == "head":  # the same answers without a body

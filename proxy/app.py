@@ -34,6 +34,7 @@ from proxy.handlers import (
     handle_keys,
     handle_metrics,
     handle_readyz,
+    handle_spec,
     handle_status,
     handle_usage,
 )
@@ -58,7 +59,7 @@ from proxy.usage import UsageLedger
 logger = logging.getLogger(__name__)
 
 # Routes answered without an API key.
-PUBLIC_ROUTES: Final = frozenset({"keys", "healthz", "readyz", "metrics"})
+PUBLIC_ROUTES: Final = frozenset({"keys", "spec", "healthz", "readyz", "metrics"})
 # Routes that count against a tenant's requests quotas.
 COUNTED_ROUTES: Final = frozenset({"forward", "append"})
 # Methods forwarded under /openapi/ (OPTIONS stays free for CORS preflights).
@@ -108,6 +109,7 @@ def _add_routes(app: web.Application) -> None:
     app.router.add_get("/api/openapi/keys", handle_keys, name="keys")
     app.router.add_post("/api/openapi/append-numbers", handle_append, name="append")
     app.router.add_get("/api/openapi/usage", handle_usage, name="usage")
+    app.router.add_get("/api/openapi/spec.json", handle_spec, name="spec")
     app.router.add_get("/healthz", handle_healthz, name="healthz")
     app.router.add_get("/readyz", handle_readyz, name="readyz")
     app.router.add_get("/metrics", handle_metrics, name="metrics")

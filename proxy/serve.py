@@ -9,6 +9,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any, Final
@@ -23,6 +24,7 @@ from proxy.logs import AccessLogger, setup_logging
 from proxy.reload import Loader
 from proxy.sandbox import create_sandbox_app
 from proxy.tenants import DEMO_TENANTS, Credentials, Registry, demo_registry, load_registry
+from proxy.tls import CertificatePair, served_context, server_context
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +80,9 @@ def config_loader(source: ConfigSource) -> Loader:
 
 def run_gateway(settings: Settings, registry: Registry, *, source: ConfigSource, demo: bool) -> int:
     """Serve until SIGTERM/SIGINT, then drain for up to ``SHUTDOWN_GRACE`` seconds."""
+    pair = CertificatePair.of(settings)
+    if pair is not None:  # bad PEM: one clear line before any worker starts (each loads its own)
+        server_context(pair)
     setup_logging(settings.log_level)
     reloadable = None if demo else source
     if settings.workers > 1 and not demo:
@@ -132,15 +137,22 @@ def run_sandbox(host: str, port: int, accounts: Iterable[Credentials]) -> None:
 
 
 async def start_site(
-    app: web.Application, host: str, port: int, *, reuse_port: bool = False, grace: float = 0
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    reuse_port: bool = False,
+    grace: float = 0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> web.AppRunner:
-    """Set up ``app`` and listen on ``host:port``."""
+    """Set up ``app`` and listen on ``host:port`` (HTTPS with ``ssl_context``)."""
     runner = web.AppRunner(
         app, access_log_class=AccessLogger, handle_signals=False, shutdown_timeout=grace
     )
     await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, ssl_context=ssl_context)
     try:
-        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
+        await site.start()
     except BaseException:  # e.g. the port is taken: close what setup opened, then fail
         await runner.cleanup()
         raise
@@ -188,33 +200,61 @@ async def _serve_until(
     source: ConfigSource | None,
     reuse_port: bool,
 ) -> None:
+    app = _gateway_app(settings, registry, source)
+    async with served_context(CertificatePair.of(settings)) as ssl_context:
+        runner = await start_site(
+            app,
+            settings.host,
+            settings.port,
+            reuse_port=reuse_port,
+            grace=settings.shutdown_grace,
+            ssl_context=ssl_context,
+        )
+        # Start-up objects (modules, app, registry) live for good: keep them out of GC passes.
+        gc.freeze()
+        port = bound_port(runner)
+        https = ssl_context is not None
+        logger.info(
+            "gateway listening",
+            extra={
+                "host": settings.host,
+                "port": port,
+                "https": https,
+                "tenants": len(registry),
+                "demo": demo,
+            },
+        )
+        if demo:
+            _demo_banner(settings.host, port, https)
+        await stop.wait()
+        await _shut_down(stop, app, runner, settings)
+
+
+def _gateway_app(
+    settings: Settings, registry: Registry, source: ConfigSource | None
+) -> web.Application:
     if source is None:  # demo mode: nothing to reload
-        app = create_app(settings, registry)
-    else:
-        # Mounted secrets (NAME_FILE) are watched too: a rotated secret file reloads itself.
-        watch = secret_files(*source)
-        app = create_app(settings, registry, reload=config_loader(source), watch=watch)
-    if RELOADER in app:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, app[RELOADER].request)
-    runner = await start_site(
-        app, settings.host, settings.port, reuse_port=reuse_port, grace=settings.shutdown_grace
-    )
-    # Start-up objects (modules, app, registry) live for good: keep them out of GC passes.
-    gc.freeze()
-    logger.info(
-        "gateway listening",
-        extra={
-            "host": settings.host,
-            "port": bound_port(runner),
-            "tenants": len(registry),
-            "demo": demo,
-        },
-    )
-    if demo:
-        _demo_banner(settings.host, bound_port(runner))
-    await stop.wait()
-    logger.info("shutting down", extra={"grace_s": settings.shutdown_grace})
+        return create_app(settings, registry)
+    # Mounted secrets (NAME_FILE) are watched too: a rotated secret file reloads itself.
+    watch = secret_files(*source)
+    app = create_app(settings, registry, reload=config_loader(source), watch=watch)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, app[RELOADER].request)
+    return app
+
+
+async def _shut_down(
+    stop: asyncio.Event, app: web.Application, runner: web.AppRunner, settings: Settings
+) -> None:
+    """Not ready at once; keep serving new connections SHUTDOWN_DELAY seconds (so load
+    balancers take the gateway out first), then close the listener and drain."""
+    delay, grace = settings.shutdown_delay, settings.shutdown_grace
+    logger.info("shutting down", extra={"delay_s": delay, "grace_s": grace})
     app[STATE].draining = True
+    if delay > 0:
+        stop.clear()  # a second SIGTERM/SIGINT cuts the delay short
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        logger.info("closing the listener", extra={"grace_s": grace})
     await runner.cleanup()
 
 
@@ -237,8 +277,9 @@ def _demo_accounts() -> list[Credentials]:
     return [t.credentials for t in demo_registry("http://demo").tenants if t.credentials]
 
 
-def _demo_banner(host: str, port: int) -> None:
+def _demo_banner(host: str, port: int, https: bool = False) -> None:
     shown = LOOPBACK if host in ("0.0.0.0", "::") else host
+    scheme = "https" if https else "http"
     lines = [
         "=" * 72,
         "DEMO MODE: no tenant is configured, so the gateway serves two demo tenants",
@@ -246,7 +287,7 @@ def _demo_banner(host: str, port: int) -> None:
         "",
         *(f"  {alias}: x-api-key: {key}" for alias, _desc, key, _ak in DEMO_TENANTS),
         "",
-        f"  try: curl -H 'x-api-key: {DEMO_TENANTS[0][2]}' http://{shown}:{port}/api/openapi/status",
+        f"  try: curl -H 'x-api-key: {DEMO_TENANTS[0][2]}' {scheme}://{shown}:{port}/api/openapi/status",
         "Configure real tenants in .env or a tenants file (see config/) to leave demo mode.",
         "=" * 72,
     ]

@@ -25,7 +25,10 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 
+# The state tests start a real redis-server (Debian's package) on 127.0.0.1.
 test: lint
+	command -v redis-server >/dev/null || (apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server)
 	$(BIN)/python -m pytest -q
 
 # wrk is the load generator (C, event-driven: the client is never the bottleneck);

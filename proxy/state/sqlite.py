@@ -76,7 +76,7 @@ class SqliteState:
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
-            await self._run(self._close, begin=None)
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._close_db)
             self._executor.shutdown(wait=True)
 
     # rate limits
@@ -244,7 +244,7 @@ class SqliteState:
 
     # the worker thread
 
-    async def _run(self, step: Callable[[Db], T], *, begin: str | None = DECIDE) -> T:
+    async def _run(self, step: Callable[[Db], T], *, begin: str = DECIDE) -> T:
         """Run ``step`` in the worker thread, in one transaction opened by ``begin``."""
         loop = asyncio.get_running_loop()
         try:
@@ -254,10 +254,8 @@ class SqliteState:
         except RuntimeError as exc:  # the executor was shut down by close()
             raise StateUnavailable(f"sqlite {self._path}: closed") from exc
 
-    def _call(self, step: Callable[[Db], T], begin: str | None) -> T:
+    def _call(self, step: Callable[[Db], T], begin: str) -> T:
         db = self._open()
-        if begin is None:
-            return step(db)
         db.execute(begin)
         try:
             result = step(db)
@@ -282,9 +280,9 @@ class SqliteState:
             self._db = db
         return self._db
 
-    def _close(self, _db: Db) -> None:
+    def _close_db(self) -> None:
         if self._db is not None:
-            self._db.close()
+            self._db.close()  # sqlite3's close does not fail on an open, idle connection
             self._db = None
 
     def _sweep_now_and_then(self, db: Db, now: float) -> None:

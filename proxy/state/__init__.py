@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from proxy.state.base import StateBackend, StateUnavailable
 from proxy.state.memory import MemoryState
 
 __all__ = [
+    "REACHABLE",
     "MemoryState",
     "StateBackend",
     "StateUnavailable",
     "check_state",
     "describe_state",
     "open_state",
+    "state_report",
 ]
+
+REACHABLE: Final = "reachable"
 
 
 def open_state(url: str) -> StateBackend:
@@ -45,4 +51,13 @@ async def check_state(backend: StateBackend) -> str:
         await backend.ping()
     except StateUnavailable as exc:
         return f"unreachable ({exc})"
-    return "reachable"
+    return REACHABLE
+
+
+async def state_report(url: str) -> tuple[str, str]:
+    """``describe_state`` and ``check_state`` for ``url``'s backend, opened and closed here."""
+    backend = open_state(url)
+    try:
+        return describe_state(backend), await check_state(backend)
+    finally:
+        await backend.close()

@@ -13,6 +13,7 @@ from typing import Any, Final, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as BrokenConnection
 from redis.exceptions import RedisError
 
 from proxy.state import lua
@@ -31,7 +32,7 @@ from proxy.urls import mask_url
 
 T = TypeVar("T")
 PREFIX: Final = "nxp:"
-TIMEOUT: Final = 1.5  # seconds to connect, and to wait for one answer
+TIMEOUT: Final = 2.0  # seconds to connect, and to wait for one answer
 AUDIT_KEY: Final = PREFIX + "audit"
 
 
@@ -47,8 +48,10 @@ class RedisState:
             url,
             socket_connect_timeout=TIMEOUT,
             socket_timeout=TIMEOUT,
-            # One quick retry: a pooled connection may have died with a restarted server.
-            retry=Retry(NoBackoff(), 1),
+            # One retry on a broken connection (a pooled one that died with a restarted
+            # server fails its next command), none on a timeout: a decision whose answer is
+            # late may have been applied, and doing it twice would take two tokens.
+            retry=Retry(NoBackoff(), 1, supported_errors=(BrokenConnection,)),
         )
         register = self._client.register_script
         self._take_token = register(lua.TAKE_TOKEN)

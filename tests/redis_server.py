@@ -11,13 +11,13 @@ Fixtures (registered for every test by ``conftest.py``):
           own_redis.start()     # same port, same URL, an empty database
 
 Without ``redis-server`` on PATH (``make test`` installs it) or when it cannot start, the test
-FAILS with the reason: a Redis test never skips.
+FAILS with the reason: a Redis test never skips. ``RedisServer`` itself needs no pytest (the
+benchmark starts one too) and raises ``RedisServerError``.
 """
 
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -34,6 +34,10 @@ START_TIMEOUT: Final = 10.0
 STOP_TIMEOUT: Final = 5.0
 
 
+class RedisServerError(RuntimeError):
+    """redis-server is missing, exited, or did not answer in time."""
+
+
 @dataclass
 class RedisServer:
     """One ``redis-server`` process that the tests own (started, stopped and killed by PID)."""
@@ -47,10 +51,10 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        """Start the server on ``port`` and wait until it answers PING (fails the test if not)."""
+        """Start the server on ``port`` and wait until it answers."""
         binary = shutil.which("redis-server")
         if binary is None:
-            pytest.fail("redis-server is not installed: run `make test` (it installs it)")
+            raise RedisServerError("redis-server is not installed: `make test` installs it")
         command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
         command += ["--appendonly", "no", "--dir", str(self.directory)]
         log = (self.directory / "redis.log").open("ab")
@@ -81,27 +85,33 @@ class RedisServer:
             assert self.process is not None
             if self.process.poll() is not None:
                 log = (self.directory / "redis.log").read_text(errors="replace")
-                pytest.fail(f"redis-server exited with {self.process.returncode}:\n{log[-2000:]}")
-            if _answers_ping(self.port):
+                code = self.process.returncode
+                raise RedisServerError(f"redis-server exited with {code}:\n{log[-2000:]}")
+            if _answers(self.port, self.process.pid):
                 return
             time.sleep(0.02)  # polling a child's start-up, bounded by the deadline
         self.stop()
-        pytest.fail(f"redis-server did not answer on 127.0.0.1:{self.port} in {START_TIMEOUT}s")
+        raise RedisServerError(
+            f"redis-server did not answer on port {self.port} in {START_TIMEOUT}s"
+        )
 
 
-def _answers_ping(port: int) -> bool:
+def _answers(port: int, pid: int) -> bool:
+    """True when the server on ``port`` answers and is process ``pid`` (not another one)."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
+        with redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.5) as client:
+            return bool(client.info("server")["process_id"] == pid)
+    except (redis.RedisError, OSError):
         return False
 
 
 def running_redis(directory: Path) -> Iterator[RedisServer]:
     """A started server in ``directory``, stopped when the iterator is closed."""
     server = RedisServer(directory)
-    server.start()
+    try:
+        server.start()
+    except RedisServerError as exc:
+        pytest.fail(str(exc))
     try:
         yield server
     finally:

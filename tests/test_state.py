@@ -17,7 +17,7 @@ from proxy.state.base import QuotaCharge, StateUnavailable
 from proxy.state.redis import RedisState
 from proxy.state.sqlite import SqliteState
 from tests.processes import free_port
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, RedisServerError
 
 NOW = time.time()
 
@@ -164,3 +164,19 @@ async def test_sqlite_sweeps_expired_rows_now_and_then(
         counts = [db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables]
     assert counts == [1, 0, 0, 0]
     await backend.close()
+
+
+def test_a_missing_redis_server_is_a_clear_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(RedisServerError, match="not installed"):
+        RedisServer(tmp_path).start()
+
+
+def test_a_redis_server_that_cannot_start_is_a_clear_failure(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    taken = RedisServer(tmp_path, port=redis_server.port)  # the port is in use
+    with pytest.raises(RedisServerError, match="exited with"):
+        taken.start()

@@ -44,11 +44,19 @@ class RedisServer:
 
     directory: Path
     port: int = field(default_factory=free_port)
+    password: str | None = None  # --requirepass; the URLs carry it
+    unix_socket: bool = False  # also listen on directory/redis.sock (keep the path short)
     process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = "" if self.password is None else f":{self.password}@"
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def unix_url(self) -> str:
+        auth = "" if self.password is None else f":{self.password}@"
+        return f"unix://{auth}{self.directory / 'redis.sock'}?db=0"
 
     def start(self) -> None:
         """Start the server on ``port`` and wait until it answers."""
@@ -57,6 +65,10 @@ class RedisServer:
             raise RedisServerError("redis-server is not installed: `make test` installs it")
         command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
         command += ["--appendonly", "no", "--dir", str(self.directory)]
+        if self.password is not None:
+            command += ["--requirepass", self.password]
+        if self.unix_socket:
+            command += ["--unixsocket", str(self.directory / "redis.sock")]
         log = (self.directory / "redis.log").open("ab")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         log.close()
@@ -76,7 +88,7 @@ class RedisServer:
 
     def flush(self) -> None:
         """Empty every database of the server."""
-        with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=STOP_TIMEOUT) as client:
+        with redis.Redis.from_url(self.url, socket_timeout=STOP_TIMEOUT) as client:
             client.flushall()
 
     def _wait_until_answering(self) -> None:
@@ -87,7 +99,7 @@ class RedisServer:
                 log = (self.directory / "redis.log").read_text(errors="replace")
                 code = self.process.returncode
                 raise RedisServerError(f"redis-server exited with {code}:\n{log[-2000:]}")
-            if _answers(self.port, self.process.pid):
+            if _answers(self.url, self.process.pid):
                 return
             time.sleep(0.02)  # polling a child's start-up, bounded by the deadline
         self.stop()
@@ -96,10 +108,10 @@ class RedisServer:
         )
 
 
-def _answers(port: int, pid: int) -> bool:
-    """True when the server on ``port`` answers and is process ``pid`` (not another one)."""
+def _answers(url: str, pid: int) -> bool:
+    """True when the server at ``url`` answers and is process ``pid`` (not another one)."""
     try:
-        with redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.5) as client:
+        with redis.Redis.from_url(url, socket_timeout=0.5) as client:
             return bool(client.info("server")["process_id"] == pid)
     except (redis.RedisError, OSError):
         return False

@@ -180,3 +180,23 @@ def test_a_redis_server_that_cannot_start_is_a_clear_failure(
     taken = RedisServer(tmp_path, port=redis_server.port)  # the port is in use
     with pytest.raises(RedisServerError, match="exited with"):
         taken.start()
+
+
+async def test_redis_with_a_password_and_a_unix_socket(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    server = RedisServer(tmp_path_factory.mktemp("rds"), password="s3cret-pw", unix_socket=True)
+    server.start()
+    try:
+        for url in (server.url, server.unix_url):
+            backend = open_state(url)
+            assert (await backend.take_token(url, 1.0, 2, NOW)).remaining == 1
+            assert "s3cret-pw" not in backend.url
+            await backend.close()
+        wrong = open_state(server.url.replace("s3cret-pw", "wrong-pw"))
+        with pytest.raises(StateUnavailable) as caught:
+            await wrong.ping()
+        assert "wrong-pw" not in str(caught.value) and "s3cret-pw" not in str(caught.value)
+        await wrong.close()
+    finally:
+        server.stop()

@@ -93,6 +93,14 @@ async def test_a_bucket_saves_up_no_more_than_its_burst(backend: StateBackend) -
     assert rested.reset == pytest.approx(1.0)
 
 
+async def test_a_caller_whose_clock_lags_refills_nothing_twice(backend: StateBackend) -> None:
+    await backend.take_token("t", 1.0, 1, NOW)
+    assert (await backend.take_token("t", 1.0, 1, NOW + 10)).allowed
+    assert not (await backend.take_token("t", 1.0, 1, NOW + 5)).allowed  # a clock 5 s behind
+    assert not (await backend.take_token("t", 1.0, 1, NOW + 10)).allowed
+    assert (await backend.take_token("t", 1.0, 1, NOW + 11)).allowed
+
+
 async def test_buckets_are_kept_per_key(backend: StateBackend) -> None:
     assert (await backend.take_token("a", 0.1, 1, NOW)).allowed
     assert not (await backend.take_token("a", 0.1, 1, NOW)).allowed

@@ -57,7 +57,9 @@ Db = sqlite3.Connection
 
 
 class SqliteState:
-    """State in a SQLite file, shared by the processes of this host and kept across restarts."""
+    """State in a SQLite file, shared by the processes of this host and kept across restarts.
+
+    Open one per process, after any fork: its worker thread does not survive one."""
 
     shared = "processes on this host"
     durable = True
@@ -89,10 +91,11 @@ class SqliteState:
             tokens = min(burst, tokens + max(0.0, now - updated) * rate)
             allowed = tokens >= 1
             tokens -= 1 if allowed else 0
-            db.execute(
-                "INSERT OR REPLACE INTO buckets VALUES (?, ?, ?, ?)",
-                (key, tokens, max(now, updated), now + (burst - tokens) / rate),
-            )
+            # Never back in time: a caller whose clock lags must not refill a second time.
+            updated = max(now, updated)
+            full_at = updated + (burst - tokens) / rate
+            sql = "INSERT OR REPLACE INTO buckets VALUES (?, ?, ?, ?)"
+            db.execute(sql, (key, tokens, updated, full_at))
             return token_decision(allowed, tokens, rate, burst)
 
         return await self._run(take)

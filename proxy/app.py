@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Final
@@ -55,8 +54,6 @@ from proxy.state.fallback import ResilientState
 from proxy.tenants import Registry
 from proxy.upstream import UpstreamClient, create_pool
 from proxy.usage import UsageLedger
-
-logger = logging.getLogger(__name__)
 
 # Routes answered without an API key.
 PUBLIC_ROUTES: Final = frozenset({"keys", "spec", "healthz", "readyz", "metrics"})
@@ -154,10 +151,6 @@ def _state_lifetime(
         settings = app[SETTINGS]
         backend = open_backend(settings.state_url)
         state = app[BACKEND] = ResilientState(backend, on_error=app[METRICS].state_errors.inc)
-        logger.info(
-            "state backend",
-            extra={"url": backend.url, "shared": backend.shared, "durable": backend.durable},
-        )
         limiter = app[LIMITER] = Limiter(settings, state)
         book = app[QUOTAS] = QuotaBook(settings, state, observe=app[METRICS].observe_quotas)
         usage = app[USAGE] = UsageLedger(state, book.zone)

@@ -63,7 +63,7 @@ class ResilientState:
             raise StateUnavailable(str(exc) or exc.__class__.__name__) from exc
         if not self.available:
             self.available = True
-            logger.warning("state backend %s answers again: state is shared", self.shared.url)
+            logger.warning("shared state is back: %s answers again", self.shared.url)
         return result
 
     async def ping(self) -> bool:
@@ -85,8 +85,8 @@ class ResilientState:
         if now - self._logged_at >= LOG_EVERY:
             self._logged_at = now
             logger.warning(
-                "state backend %s unavailable (%s): limits and quotas use this process's memory, "
-                "Idempotency-Key requests get 503 until it answers",
+                "shared state unavailable: %s failed (%s); limits and quotas use this process's "
+                "memory, Idempotency-Key requests get 503 until it answers",
                 self.shared.url,
                 str(exc) or exc.__class__.__name__,
             )

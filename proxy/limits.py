@@ -68,9 +68,24 @@ class Limiter:
     ):
         self.settings, self.state, self.clock = settings, state, clock
         self._no_defaults = not settings.rate_limit_rps and not settings.max_inflight_per_tenant
+        self._free_defaults = self._no_defaults and not settings.quota_defaults.items()
         self._held: dict[str, set[str]] = {}  # slot key → the holders of this process
         self._holder = f"{os.getpid()}-{secrets.token_hex(4)}-"
         self._serial = itertools.count()
+
+    def free(self, tenant: Tenant) -> bool:
+        """True when no limit and no quota applies to ``tenant``: the common case, decided
+        from a few attributes (it runs on every request)."""
+        own, quotas = tenant.limits, tenant.quotas
+        return (
+            self._free_defaults
+            and not own.rate_limit_rps
+            and not own.max_inflight
+            and quotas.numbers_per_day is None
+            and quotas.numbers_per_month is None
+            and quotas.requests_per_day is None
+            and quotas.requests_per_month is None
+        )
 
     def admit(self, tenant: Tenant) -> AbstractAsyncContextManager[Admission | None]:
         """Take a token and hold an in-flight slot for the block, or raise 429."""

@@ -188,23 +188,30 @@ def limits_middleware(*, counted_routes: frozenset[str]) -> Middleware:
 
     @web.middleware
     async def limits(request: web.Request, handler: Handler) -> web.StreamResponse:
-        ctx = request[CONTEXT]
-        tenant = ctx.tenant
-        if tenant is None:
-            return await handler(request)
-        app = request.app
-        try:
-            async with app[LIMITER].admit(tenant) as admitted:
-                ctx.limits = limit_state(app[QUOTAS], tenant, admitted)
-                if ctx.limits is not None and request.match_info.route.name in counted_routes:
-                    learn_quotas(ctx.limits, await app[QUOTAS].reserve(tenant, "requests", 1))
-                return await handler(request)
-        except TooManyRequests as exc:
-            metrics(request).limited.labels(tenant.alias, exc.code).inc()
-            _learn_refusal(request, tenant, exc)
-            raise
+        tenant = request[CONTEXT].tenant
+        if tenant is None or request.app[LIMITER].free(tenant):
+            return await handler(request)  # no limit, no quota: no policy, no state call
+        counted = request.match_info.route.name in counted_routes
+        return await _limited(request, handler, tenant, counted)
 
     return limits
+
+
+async def _limited(
+    request: web.Request, handler: Handler, tenant: Tenant, counted: bool
+) -> web.StreamResponse:
+    """The request within the tenant's limits, and its requests quotas when ``counted``."""
+    ctx, app = request[CONTEXT], request.app
+    try:
+        async with app[LIMITER].admit(tenant) as admitted:
+            ctx.limits = limit_state(app[QUOTAS], tenant, admitted)
+            if ctx.limits is not None and counted:
+                learn_quotas(ctx.limits, await app[QUOTAS].reserve(tenant, "requests", 1))
+            return await handler(request)
+    except TooManyRequests as exc:
+        metrics(request).limited.labels(tenant.alias, exc.code).inc()
+        _learn_refusal(request, tenant, exc)
+        raise
 
 
 def _learn_refusal(request: web.Request, tenant: Tenant, exc: TooManyRequests) -> None:

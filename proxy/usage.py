@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -52,24 +53,24 @@ class UsageLedger:
 
     def __init__(self, state: ResilientState, zone: ZoneInfo):
         self.state, self.today = state, Today(zone)
-        self._requests: dict[tuple[str, str, str, int], int] = {}
+        self.day = self.today()  # refreshed by every flush: no clock read per request
+        self._requests: defaultdict[tuple[str, str, str, int], int] = defaultdict(int)
         self._numbers: Counts = {}
 
     def count_request(self, tenant: Tenant, action: str, status: int) -> None:
         """One answered request of ``tenant``."""
-        key = (tenant.id, self.today(), action, status)
-        self._requests[key] = self._requests.get(key, 0) + 1
+        self._requests[tenant.id, self.day, action, status] += 1
 
     def count_numbers(self, tenant: Tenant, appended: int, failed: int) -> None:
         """The numbers one append-numbers request appended and failed."""
-        day = self._numbers.setdefault((tenant.id, self.today()), {})
+        day = self._numbers.setdefault((tenant.id, self.day), {})
         day["numbersAppended"] = day.get("numbersAppended", 0) + appended
         day["numbersFailed"] = day.get("numbersFailed", 0) + failed
 
     def take(self) -> Counts:
         """Everything counted since the last take, as backend counters."""
         counts, self._numbers = self._numbers, {}
-        requests, self._requests = self._requests, {}
+        requests, self._requests = self._requests, defaultdict(int)
         for (tenant, day, action, status), n in requests.items():
             fields = counts.setdefault((tenant, day), {})
             for name in ("requests", f"action:{action}", f"status:{status // 100}xx"):
@@ -80,6 +81,7 @@ class UsageLedger:
 
     async def flush(self) -> None:
         """Add what was counted to the backend; kept for the next flush if it is down."""
+        self.day = self.today()
         counts = self.take()
         if not counts:
             return

@@ -139,6 +139,7 @@ def _upstream_lifetime(
         app[STATE].ready = True
         yield
         app[STATE].ready = False
+        await _finish_runs(app)  # before the pool closes: they still send batches
         await pool.close()
 
     return lifetime
@@ -159,14 +160,18 @@ def _state_lifetime(
             asyncio.create_task(usage.keep_flushing(), name="flush-usage"),
         ]
         yield
-        runs = app[APPEND_RUNS]
-        if runs:  # runs whose clients left: let them finish their batches
-            await asyncio.wait(list(runs), timeout=settings.shutdown_grace)
         await _stop(tasks)
         await usage.flush()
         await state.close()
 
     return lifetime
+
+
+async def _finish_runs(app: web.Application) -> None:
+    """Let append runs whose clients left finish their batches, up to ``SHUTDOWN_GRACE``."""
+    runs = app[APPEND_RUNS]
+    if runs:
+        await asyncio.wait(list(runs), timeout=app[SETTINGS].shutdown_grace)
 
 
 async def _stop(tasks: Sequence[asyncio.Task[None]]) -> None:

@@ -14,6 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.app import create_app
+from proxy.appkeys import STATE
 from proxy.idempotency import OUTCOME_UNKNOWN, journal_key
 from proxy.nxlink import APPEND_PATH
 from proxy.state import MemoryState, StateBackend
@@ -137,9 +138,10 @@ async def test_a_repeat_waits_up_to_idempotency_wait_then_409_in_progress(
     assert (other[0], other[2]["error"]) == (422, "IDEMPOTENCY_KEY_REUSED")
 
 
-async def test_a_client_that_leaves_does_not_cut_the_run(
+async def left_mid_run(
     aiohttp_client: AiohttpClient, aiohttp_server: Callable[..., Awaitable[TestServer]]
-) -> None:
+) -> tuple[Client, HoldingNxlink, SwitchableState]:
+    """A keyed append whose client went away while nxlink holds its third batch."""
     nxlink = HoldingNxlink(CREDS_A, hold={PHONES[2]})
     server = await aiohttp_server(nxlink.app())
     tenant = make_tenant("tenant-a", KEY_A, str(server.make_url("")).rstrip("/"), CREDS_A)
@@ -150,6 +152,13 @@ async def test_a_client_that_leaves_does_not_cut_the_run(
         await nxlink.holding.wait()
     request.cancel()
     await asyncio.gather(request, return_exceptions=True)
+    return client, nxlink, backend
+
+
+async def test_a_client_that_leaves_does_not_cut_the_run(
+    aiohttp_client: AiohttpClient, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    client, nxlink, backend = await left_mid_run(aiohttp_client, aiohttp_server)
     nxlink.release.set()
     await eventually(lambda: _has(backend, "complete"), what="the run to finish on its own")
     status, headers, body = await append(client)
@@ -160,3 +169,21 @@ async def test_a_client_that_leaves_does_not_cut_the_run(
 
 async def _has(backend: SwitchableState, call: str) -> bool:
     return call in backend.calls
+
+
+async def test_shutdown_waits_for_a_run_whose_client_left(
+    aiohttp_client: AiohttpClient, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    client, nxlink, backend = await left_mid_run(aiohttp_client, aiohttp_server)
+    closing = asyncio.create_task(client.close())  # the gateway shuts down mid-run
+    state = client.app[STATE]
+
+    async def shutting_down() -> bool:
+        return not state.ready
+
+    await eventually(shutting_down, what="the shutdown to begin")
+    nxlink.release.set()
+    async with asyncio.timeout(10):
+        await closing
+    assert nxlink.received == PHONES
+    assert "complete" in backend.calls

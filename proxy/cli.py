@@ -24,8 +24,8 @@ logger = logging.getLogger(__name__)
 
 NO_TENANTS: Final = (
     "no tenant is configured: set EXTERNAL_API_KEY_1 and EXTERNAL_API_KEY_1_OPENAPI_* (or a "
-    "TENANTS_FILE), see config/.env.example; or run 'python -m proxy serve --demo' to try the "
-    "gateway against the bundled sandbox"
+    "TENANTS_FILE), see config/.env.example; or run 'make run' (.venv/bin/nxlink-proxy serve "
+    "--demo) to try the gateway against the bundled sandbox"
 )
 
 

@@ -234,7 +234,7 @@ def _parse_key(item: Any) -> ApiKey:
         return ApiKey(bytes.fromhex(hex_digest), f"sha256:{hex_digest[:8]}***", not_after)
     raise ValueError(
         'apiKey must be a non-empty string, or apiKeyHash "sha256:" + 64 hex '
-        "digits (make one with: python -m proxy keygen)"
+        "digits (make one with: .venv/bin/nxlink-proxy keygen)"
     )
 
 

@@ -18,7 +18,7 @@ from proxy.limits import TenantPolicy
 from proxy.nxlink import now_ms
 from proxy.serve import load_config, run_gateway, run_sandbox
 from proxy.signing import sign_headers, string_to_sign
-from proxy.tenants import Credentials, Registry, Tenant, hash_key
+from proxy.tenants import Credentials, Registry, Tenant, accounts_of, hash_key
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,12 @@ def _add_serve(serve: argparse.ArgumentParser) -> None:
         "--demo",
         action="store_true",
         help="with no tenant configured, serve the two demo tenants against an in-process sandbox",
+    )
+    serve.add_argument(
+        "--sandbox",
+        action="store_true",
+        help="serve the configured tenants, each against an in-process sandbox that accepts "
+        "their credentials (an integration dry run: nothing is sent to nxlink)",
     )
 
 
@@ -128,6 +134,7 @@ def cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         registry,
         source=(dict(environ), _overrides(args)),
         demo=args.demo and len(registry) == 0,
+        sandbox=args.sandbox and len(registry) > 0,
     )
 
 
@@ -212,8 +219,7 @@ def _sign_credentials(args: argparse.Namespace, environ: Mapping[str, str]) -> C
 def cmd_sandbox(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """Run the nxlink emulator with the configured tenants' accounts (demo ones if none)."""
     _, registry = _load(args, environ)
-    accounts = [t.credentials for t in registry.tenants if t.credentials is not None]
-    run_sandbox(args.host, args.port, accounts)
+    run_sandbox(args.host, args.port, accounts_of(registry))
     return 0
 
 

@@ -17,12 +17,20 @@ from aiohttp import web
 
 from proxy.app import create_app
 from proxy.appkeys import RELOADER, STATE
-from proxy.config import ConfigError, Settings, parse_settings
+from proxy.config import ConfigError, Settings, mask_key, parse_settings
 from proxy.environment import read_environment, secret_files
 from proxy.logs import AccessLogger, setup_logging
 from proxy.reload import Loader
 from proxy.sandbox import create_sandbox_app
-from proxy.tenants import DEMO_TENANTS, Credentials, Registry, demo_registry, load_registry
+from proxy.tenants import (
+    DEMO_TENANTS,
+    Credentials,
+    Registry,
+    accounts_of,
+    demo_registry,
+    load_registry,
+    pointed_at,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,15 +84,26 @@ def config_loader(source: ConfigSource) -> Loader:
     return load
 
 
-def run_gateway(settings: Settings, registry: Registry, *, source: ConfigSource, demo: bool) -> int:
-    """Serve until SIGTERM/SIGINT, then drain for up to ``SHUTDOWN_GRACE`` seconds."""
+def run_gateway(
+    settings: Settings,
+    registry: Registry,
+    *,
+    source: ConfigSource,
+    demo: bool,
+    sandbox: bool = False,
+) -> int:
+    """Serve until SIGTERM/SIGINT, then drain for up to ``SHUTDOWN_GRACE`` seconds.
+
+    ``demo``: the demo tenants, ``sandbox``: the configured ones, against an in-process sandbox
+    (no reload there: a reloaded tenant would go to its real base URL)."""
     setup_logging(settings.log_level)
-    reloadable = None if demo else source
-    if settings.workers > 1 and not demo:
+    emulated = demo or sandbox
+    reloadable = None if emulated else source
+    if settings.workers > 1 and not emulated:
         return _supervise(settings, registry, reloadable)
     if settings.workers > 1:
-        logger.warning("demo mode runs one worker: the sandbox keeps its state in memory")
-    run(_serve(settings, registry, demo=demo, source=reloadable))
+        logger.warning("demo and sandbox modes run one worker: the sandbox keeps state in memory")
+    run(_serve(settings, registry, demo=demo, sandbox=sandbox, source=reloadable))
     return 0
 
 
@@ -167,13 +186,18 @@ async def _serve(
     demo: bool,
     source: ConfigSource | None,
     reuse_port: bool = False,
+    sandbox: bool = False,
 ) -> None:
     stop = _stop_event()
     async with contextlib.AsyncExitStack() as started:
-        if demo:
-            sandbox = await start_site(create_sandbox_app(_demo_accounts()), LOOPBACK, 0)
-            started.push_async_callback(sandbox.cleanup)
-            registry = demo_registry(f"http://{LOOPBACK}:{bound_port(sandbox)}")
+        if demo or sandbox:
+            accounts = _demo_accounts() if demo else accounts_of(registry)
+            emulator = await start_site(create_sandbox_app(accounts), LOOPBACK, 0)
+            started.push_async_callback(emulator.cleanup)
+            url = f"http://{LOOPBACK}:{bound_port(emulator)}"
+            registry = demo_registry(url) if demo else pointed_at(registry, url)
+            if sandbox:
+                _sandbox_banner(registry, url)
         await _serve_until(
             stop, settings, registry, demo=demo, source=source, reuse_port=reuse_port
         )
@@ -220,13 +244,16 @@ async def _serve_until(
 
 async def _serve_sandbox(host: str, port: int, accounts: list[Credentials]) -> None:
     stop = _stop_event()
-    runner = await start_site(create_sandbox_app(accounts or _demo_accounts()), host, port)
+    accounts = accounts or _demo_accounts()
+    runner = await start_site(create_sandbox_app(accounts), host, port)
     logger.info(
         "sandbox listening",
         extra={
             "host": host,
             "port": bound_port(runner),
-            "accounts": len(accounts) or len(DEMO_TENANTS),
+            "accounts": len(accounts),
+            # Masked: enough to see whether the gateway's tenants and this sandbox agree.
+            "access_keys": [f"{mask_key(a.access_key)} (bizType {a.biz_type})" for a in accounts],
         },
     )
     await stop.wait()
@@ -234,7 +261,24 @@ async def _serve_sandbox(host: str, port: int, accounts: list[Credentials]) -> N
 
 
 def _demo_accounts() -> list[Credentials]:
-    return [t.credentials for t in demo_registry("http://demo").tenants if t.credentials]
+    return accounts_of(demo_registry("http://demo"))
+
+
+def _sandbox_banner(registry: Registry, url: str) -> None:
+    lines = [
+        "=" * 72,
+        f"SANDBOX MODE: the {len(registry)} configured tenant(s) are served against the bundled",
+        f"nxlink sandbox at {url} (an in-memory emulator): nothing is sent to nxlink.",
+        "",
+        *(
+            f"  {t.alias}: accessKey {mask_key(t.credentials.access_key) if t.credentials else '-'}"
+            for t in registry.tenants
+        ),
+        "",
+        "Drop --sandbox to send the same tenants' calls to their real base URLs.",
+        "=" * 72,
+    ]
+    print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def _demo_banner(host: str, port: int) -> None:

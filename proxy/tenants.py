@@ -6,7 +6,7 @@ import hashlib
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -346,6 +346,17 @@ DEMO_TENANTS: Final = (
     ("电商平台A", "电商平台A的API密钥", "ecommerce-platform-key-abc123", "demo-ecommerce-ak"),
     ("金融平台B", "金融平台B的API密钥", "finance-platform-key-xyz789", "demo-finance-ak"),
 )
+
+
+def accounts_of(registry: Registry) -> list[Credentials]:
+    """The nxlink accounts of the tenants that have one (what a sandbox must accept)."""
+    return [t.credentials for t in registry.tenants if t.credentials is not None]
+
+
+def pointed_at(registry: Registry, base_url: str) -> Registry:
+    """The same tenants and warnings, every one of them sent to ``base_url`` (a sandbox)."""
+    tenants = [replace(t, base_url=base_url) for t in registry.tenants]
+    return Registry(tenants, registry.warnings)
 
 
 def demo_registry(base_url: str) -> Registry:

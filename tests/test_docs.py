@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from proxy.cli import main
+from proxy.nxlink import KNOWN_ACTIONS
 from proxy.settings_table import SETTINGS_TABLE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,3 +53,8 @@ def test_example_configurations_pass_check(
     out = capsys.readouterr().out
     assert "replace-with-access-secret" not in out
     assert "ecommerce-platform-key-abc123" not in out
+
+
+def test_readme_lists_every_operation_the_sandbox_emulates() -> None:
+    listed = dict(re.findall(r"^\| `POST (/openapi/\S+)` \| `(\w+)` \|", README, re.M))
+    assert listed == KNOWN_ACTIONS

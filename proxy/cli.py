@@ -13,12 +13,13 @@ from typing import Final
 
 from proxy import __version__
 from proxy.config import ConfigError, Secret, Settings, mask_key
-from proxy.environment import process_environ
+from proxy.environment import process_environ, read_environment
 from proxy.limits import TenantPolicy
 from proxy.nxlink import now_ms
 from proxy.serve import load_config, run_gateway, run_sandbox
 from proxy.signing import sign_headers, string_to_sign
 from proxy.tenants import Credentials, Registry, Tenant, accounts_of, hash_key
+from proxy.typos import unknown_variables
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,9 @@ def cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     settings, registry = _load(args, environ)
     if len(registry) == 0:
         raise ConfigError([NO_TENANTS])
+    slips = unknown_variables(read_environment(environ, _overrides(args)))
+    if slips:
+        raise ConfigError(slips)
     print(f"{len(registry)} tenant(s) configured; settings OK")
     for tenant in registry.tenants:
         print("\n".join(describe_tenant(tenant, settings)))

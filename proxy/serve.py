@@ -31,6 +31,7 @@ from proxy.tenants import (
     load_registry,
     pointed_at,
 )
+from proxy.typos import unknown_variables
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ def run_gateway(
     ``demo``: the demo tenants, ``sandbox``: the configured ones, against an in-process sandbox
     (no reload there: a reloaded tenant would go to its real base URL)."""
     setup_logging(settings.log_level)
+    for slip in unknown_variables(read_environment(*source)):
+        logger.warning("%s", slip)
     emulated = demo or sandbox
     reloadable = None if emulated else source
     if settings.workers > 1 and not emulated:

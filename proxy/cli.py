@@ -18,7 +18,14 @@ from proxy.limits import TenantPolicy
 from proxy.nxlink import now_ms
 from proxy.serve import load_config, run_gateway, run_sandbox
 from proxy.signing import sign_headers, string_to_sign
-from proxy.tenants import Credentials, Registry, Tenant, accounts_of, hash_key
+from proxy.tenants import (
+    Credentials,
+    Registry,
+    Tenant,
+    accounts_of,
+    hash_key,
+    refuse_placeholders,
+)
 from proxy.typos import unknown_variables
 
 logger = logging.getLogger(__name__)
@@ -128,6 +135,8 @@ def cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     settings, registry = _load(args, environ)
     if len(registry) == 0 and not args.demo:
         raise ConfigError([NO_TENANTS])
+    if not args.sandbox:
+        refuse_placeholders(registry)
     if args.demo and len(registry) > 0:
         print("tenants are configured, so --demo is ignored", file=sys.stderr)
     return run_gateway(
@@ -147,6 +156,7 @@ def cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     slips = unknown_variables(read_environment(environ, _overrides(args)))
     if slips:
         raise ConfigError(slips)
+    refuse_placeholders(registry)
     print(f"{len(registry)} tenant(s) configured; settings OK")
     for tenant in registry.tenants:
         print("\n".join(describe_tenant(tenant, settings)))

@@ -30,6 +30,7 @@ from proxy.tenants import (
     demo_registry,
     load_registry,
     pointed_at,
+    refuse_placeholders,
 )
 from proxy.typos import unknown_variables
 
@@ -80,6 +81,7 @@ def config_loader(source: ConfigSource) -> Loader:
         _settings, registry = load_config(*source)
         if len(registry) == 0:
             raise ConfigError(["the new configuration has no tenant; refusing to drop them all"])
+        refuse_placeholders(registry)
         return registry
 
     return load

@@ -19,6 +19,13 @@ from proxy.urls import is_http_url
 HASH_PREFIX: Final = "sha256:"
 TENANT_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 KEY_FIELDS: Final = frozenset({"apiKey", "apiKeyHash", "notAfter"})
+# config/.env.example and config/tenants.example.json ship their values so.
+PLACEHOLDER: Final = "replace-with-"
+PLACEHOLDER_HINT: Final = (
+    "replace each with the real value (a client key from '.venv/bin/nxlink-proxy keygen', the "
+    "tenant's nxlink accessKey and accessSecret); to try the configuration first, "
+    "'.venv/bin/nxlink-proxy serve --sandbox' serves it against the bundled sandbox"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,9 +103,16 @@ class Match:
 class Registry:
     """The configured tenants, looked up by the SHA-256 of the presented key."""
 
-    def __init__(self, tenants: Sequence[Tenant], warnings: Sequence[str] = ()):
+    def __init__(
+        self,
+        tenants: Sequence[Tenant],
+        warnings: Sequence[str] = (),
+        placeholders: Sequence[str] = (),
+    ):
         self.tenants: tuple[Tenant, ...] = tuple(tenants)
         self.warnings: tuple[str, ...] = tuple(warnings)
+        # Where a value is still an example's placeholder (fine against the sandbox only).
+        self.placeholders: tuple[str, ...] = tuple(placeholders)
         self._by_digest = {key.digest: Match(t, key) for t in self.tenants for key in t.keys}
 
     def lookup(self, presented: str) -> Match | None:
@@ -128,7 +142,35 @@ def load_registry(env: Mapping[str, str], settings: Settings) -> Registry:
     _check_duplicates(tenants, problems)
     if problems:
         raise ConfigError(problems)
-    return Registry(tenants, _warnings(tenants))
+    placeholders = [place for e in entries for place in _placeholders(e, env)]
+    return Registry(tenants, _warnings(tenants), placeholders)
+
+
+def refuse_placeholders(registry: Registry) -> None:
+    """Raise ``ConfigError`` naming every value still left as an example's placeholder."""
+    if registry.placeholders:
+        raise ConfigError(
+            [
+                f"{place}: still the example's placeholder ({PLACEHOLDER}...); set the real value"
+                for place in registry.placeholders
+            ]
+            + [PLACEHOLDER_HINT]
+        )
+
+
+def _placeholders(entry: Entry, env: Mapping[str, str]) -> list[str]:
+    """Where ``entry``'s keys or nxlink account still hold ``replace-with-...`` (no value shown)."""
+    found = [
+        _place(entry, env, name)
+        for name in GLOBAL_FALLBACKS
+        if _field(entry, env, name, []).startswith(PLACEHOLDER)
+    ]
+    listed = entry.fields.get("apiKeys")
+    keys = [entry.fields.get("apiKey"), *(listed if isinstance(listed, list) else [])]
+    plain = [k.get("apiKey") if isinstance(k, dict) else k for k in keys]
+    if any(isinstance(k, str) and k.strip().startswith(PLACEHOLDER) for k in plain):
+        found.insert(0, entry.names["apiKey"])
+    return found
 
 
 def _build_tenant(entry: Entry, env: Mapping[str, str], problems: list[str]) -> Tenant | None:
@@ -356,7 +398,7 @@ def accounts_of(registry: Registry) -> list[Credentials]:
 def pointed_at(registry: Registry, base_url: str) -> Registry:
     """The same tenants and warnings, every one of them sent to ``base_url`` (a sandbox)."""
     tenants = [replace(t, base_url=base_url) for t in registry.tenants]
-    return Registry(tenants, registry.warnings)
+    return Registry(tenants, registry.warnings, registry.placeholders)
 
 
 def demo_registry(base_url: str) -> Registry:

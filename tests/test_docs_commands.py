@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import subprocess
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
@@ -40,13 +41,13 @@ def code_blocks(markdown: str) -> Iterator[list[str]]:
             block.append(line[4:])
             continue
         if block:
-            yield block
+            yield textwrap.dedent("\n".join(block)).splitlines()
             block = []
         if line.startswith("    ") and not previous.strip():
             block = [line[4:]]
         previous = line
     if block:
-        yield block
+        yield textwrap.dedent("\n".join(block)).splitlines()
 
 
 def is_shell(block: list[str]) -> bool:
@@ -98,7 +99,7 @@ def runnable_problem(argv: list[str]) -> str | None:
 
 def test_readme_shows_commands_from_every_section() -> None:
     programs = {argv[0] for argv in readme_commands()}
-    assert {"make", "curl", "docker", ".venv/bin/nxlink-proxy"} <= programs
+    assert {"make", "curl", "docker", "kubectl", ".venv/bin/nxlink-proxy"} <= programs
 
 
 def test_every_readme_command_runs_from_a_fresh_clone() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import multiprocessing
@@ -38,6 +39,10 @@ logger = logging.getLogger(__name__)
 
 ConfigSource = tuple[Mapping[str, str], Mapping[str, str]]
 LOOPBACK: Final = "127.0.0.1"
+LISTEN_ERRORS: Final = {
+    errno.EADDRINUSE: "the address is already in use (another process listens there)",
+    errno.EACCES: "permission denied (ports below 1024 need privileges)",
+}
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:
@@ -146,7 +151,11 @@ def _exit_status(code: int | None) -> int:
 
 
 def _worker(settings: Settings, registry: Registry, source: ConfigSource | None) -> None:
-    run(_serve(settings, registry, demo=False, source=source, reuse_port=True))
+    try:
+        run(_serve(settings, registry, demo=False, source=source, reuse_port=True))
+    except ConfigError as exc:  # a forked worker has no CLI around it: one line, exit 1
+        print("\n".join(exc.problems), file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 def run_sandbox(host: str, port: int, accounts: Iterable[Credentials]) -> None:
@@ -165,10 +174,21 @@ async def start_site(
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
-    except BaseException:  # e.g. the port is taken: close what setup opened, then fail
+    except BaseException as exc:  # e.g. the port is taken: close what setup opened, then fail
         await runner.cleanup()
+        if isinstance(exc, OSError) and exc.errno in LISTEN_ERRORS:
+            raise ConfigError([listen_problem(host, port, exc.errno)]) from None
         raise
     return runner
+
+
+def listen_problem(host: str, port: int, code: int) -> str:
+    """One line for a port that cannot be had: which one, why, and how to choose another."""
+    other = port + 1 if port < 65535 else port - 1
+    return (
+        f"cannot listen on {host}:{port}: {LISTEN_ERRORS[code]}; stop what holds it, or choose "
+        f"another port with PORT={other} or --port {other}"
+    )
 
 
 def bound_port(runner: web.AppRunner) -> int:

@@ -11,6 +11,7 @@ import pytest
 from proxy.cli import main
 from proxy.nxlink import KNOWN_ACTIONS
 from proxy.settings_table import SETTINGS_TABLE
+from proxy.tenant_sources import ENV_SUFFIXES_ALL
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text(encoding="utf-8")
@@ -75,3 +76,17 @@ def test_example_configurations_pass_check_once_the_placeholders_are_replaced(
 def test_readme_lists_every_operation_the_sandbox_emulates() -> None:
     listed = dict(re.findall(r"^\| `POST (/openapi/\S+)` \| `(\w+)` \|", README, re.M))
     assert listed == KNOWN_ACTIONS
+
+
+DOTENV_EXAMPLE: Final = (REPO / "config" / ".env.example").read_text(encoding="utf-8")
+
+
+def test_dotenv_example_shows_every_setting_but_its_own_file() -> None:
+    shown = set(re.findall(r"^#? ?([A-Z_]+)=", DOTENV_EXAMPLE, re.M))
+    assert {s.name for s in SETTINGS_TABLE} - shown == {"ENV_FILE"}
+
+
+@pytest.mark.parametrize("suffix", sorted(ENV_SUFFIXES_ALL))
+def test_every_environment_tenant_variable_is_documented_and_shown(suffix: str) -> None:
+    assert re.search(rf"^#? ?EXTERNAL_API_KEY_1{suffix}=", DOTENV_EXAMPLE, re.M), suffix
+    assert f"`EXTERNAL_API_KEY_N{suffix}`" in README or f"`...{suffix}`" in README

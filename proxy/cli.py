@@ -24,9 +24,8 @@ from proxy.tenants import (
     Tenant,
     accounts_of,
     hash_key,
-    refuse_placeholders,
 )
-from proxy.typos import unknown_variables
+from proxy.typos import refuse_placeholders, unknown_variables
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +135,7 @@ def cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if len(registry) == 0 and not args.demo:
         raise ConfigError([NO_TENANTS])
     if not args.sandbox:
-        refuse_placeholders(registry)
+        refuse_placeholders(registry.placeholders)
     if args.demo and len(registry) > 0:
         print("tenants are configured, so --demo is ignored", file=sys.stderr)
     return run_gateway(
@@ -156,7 +155,7 @@ def cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     slips = unknown_variables(read_environment(environ, _overrides(args)))
     if slips:
         raise ConfigError(slips)
-    refuse_placeholders(registry)
+    refuse_placeholders(registry.placeholders)
     print(f"{len(registry)} tenant(s) configured; settings OK")
     for tenant in registry.tenants:
         print("\n".join(describe_tenant(tenant, settings)))

@@ -31,9 +31,8 @@ from proxy.tenants import (
     demo_registry,
     load_registry,
     pointed_at,
-    refuse_placeholders,
 )
-from proxy.typos import unknown_variables
+from proxy.typos import refuse_placeholders, unknown_variables
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +85,7 @@ def config_loader(source: ConfigSource) -> Loader:
         _settings, registry = load_config(*source)
         if len(registry) == 0:
             raise ConfigError(["the new configuration has no tenant; refusing to drop them all"])
-        refuse_placeholders(registry)
+        refuse_placeholders(registry.placeholders)
         return registry
 
     return load

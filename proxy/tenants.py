@@ -14,18 +14,12 @@ from proxy.config import ConfigError, Quotas, Secret, Settings, mask_key
 from proxy.nxlink import ALGORITHMS, DEFAULT_BASE_URL, DEFAULT_BIZ_TYPE
 from proxy.settings_table import QUOTA_FIELDS
 from proxy.tenant_sources import GLOBAL_FALLBACKS, Entry, entries_from_env, entries_from_file
+from proxy.typos import placeholders
 from proxy.urls import is_http_url
 
 HASH_PREFIX: Final = "sha256:"
 TENANT_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 KEY_FIELDS: Final = frozenset({"apiKey", "apiKeyHash", "notAfter"})
-# config/.env.example and config/tenants.example.json ship their values so.
-PLACEHOLDER: Final = "replace-with-"
-PLACEHOLDER_HINT: Final = (
-    "replace each with the real value (a client key from '.venv/bin/nxlink-proxy keygen', the "
-    "tenant's nxlink accessKey and accessSecret); to try the configuration first, "
-    "'.venv/bin/nxlink-proxy serve --sandbox' serves it against the bundled sandbox"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,35 +136,7 @@ def load_registry(env: Mapping[str, str], settings: Settings) -> Registry:
     _check_duplicates(tenants, problems)
     if problems:
         raise ConfigError(problems)
-    placeholders = [place for e in entries for place in _placeholders(e, env)]
-    return Registry(tenants, _warnings(tenants), placeholders)
-
-
-def refuse_placeholders(registry: Registry) -> None:
-    """Raise ``ConfigError`` naming every value still left as an example's placeholder."""
-    if registry.placeholders:
-        raise ConfigError(
-            [
-                f"{place}: still the example's placeholder ({PLACEHOLDER}...); set the real value"
-                for place in registry.placeholders
-            ]
-            + [PLACEHOLDER_HINT]
-        )
-
-
-def _placeholders(entry: Entry, env: Mapping[str, str]) -> list[str]:
-    """Where ``entry``'s keys or nxlink account still hold ``replace-with-...`` (no value shown)."""
-    found = [
-        _place(entry, env, name)
-        for name in GLOBAL_FALLBACKS
-        if _field(entry, env, name, []).startswith(PLACEHOLDER)
-    ]
-    listed = entry.fields.get("apiKeys")
-    keys = [entry.fields.get("apiKey"), *(listed if isinstance(listed, list) else [])]
-    plain = [k.get("apiKey") if isinstance(k, dict) else k for k in keys]
-    if any(isinstance(k, str) and k.strip().startswith(PLACEHOLDER) for k in plain):
-        found.insert(0, entry.names["apiKey"])
-    return found
+    return Registry(tenants, _warnings(tenants), placeholders(entries, env))
 
 
 def _build_tenant(entry: Entry, env: Mapping[str, str], problems: list[str]) -> Tenant | None:

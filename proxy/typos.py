@@ -1,17 +1,18 @@
-"""Variables that look like ours but are not: near-misses of a setting or a tenant variable,
-each named with the closest variable the gateway does read."""
+"""Slips in a configuration: variables that look like ours but are not (each named with the
+closest one the gateway reads), and values still as the examples ship them."""
 
 from __future__ import annotations
 
 import difflib
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
+from proxy.config import ConfigError
 from proxy.environment import FILE_CAPABLE, FILE_SUFFIX
 from proxy.settings_table import DEFAULTS
-from proxy.tenant_sources import ENV_KEY, ENV_SUFFIXES_ALL, GLOBAL_FALLBACKS
+from proxy.tenant_sources import ENV_KEY, ENV_SUFFIXES_ALL, GLOBAL_FALLBACKS, Entry
 
 # A variable starting so is meant for the gateway, close to one of its names or not.
 OUR_PREFIXES: Final = (
@@ -39,6 +40,13 @@ NEAR: Final = 0.86
 # How close a prefixed variable must be for its suggestion to be worth making.
 SUGGEST: Final = 0.75
 TENANT_NUMBER: Final = re.compile(r"\d+")
+# config/.env.example, config/tenants.example.json and deploy/ ship their values so.
+PLACEHOLDER: Final = "replace-with-"
+PLACEHOLDER_HINT: Final = (
+    "replace each with the real value (a client key from '.venv/bin/nxlink-proxy keygen', the "
+    "tenant's nxlink accessKey and accessSecret); to try the configuration first, "
+    "'.venv/bin/nxlink-proxy serve --sandbox' serves it against the bundled sandbox"
+)
 
 
 @functools.cache
@@ -83,3 +91,33 @@ def _slip(name: str) -> str | None:
     if prefixed:
         return f"{name}: not a variable the gateway reads; see the README's settings and tenants"
     return None
+
+
+def placeholders(entries: Iterable[Entry], env: Mapping[str, str]) -> list[str]:
+    """Where the tenants' keys or nxlink accounts still hold ``replace-with-...`` (no value)."""
+    return [place for entry in entries for place in _entry_placeholders(entry, env)]
+
+
+def _entry_placeholders(entry: Entry, env: Mapping[str, str]) -> list[str]:
+    found = []
+    listed = entry.fields.get("apiKeys")
+    keys = [entry.fields.get("apiKey"), *(listed if isinstance(listed, list) else [])]
+    plain = [k.get("apiKey") if isinstance(k, dict) else k for k in keys]
+    if any(_is_placeholder(k) for k in plain):
+        found.append(entry.names["apiKey"])
+    for name, fallback in GLOBAL_FALLBACKS.items():
+        own = entry.openapi.get(name)
+        if _is_placeholder(own) or (not own and _is_placeholder(env.get(fallback))):
+            found.append(entry.names[name] if own else fallback)
+    return found
+
+
+def _is_placeholder(value: object) -> bool:
+    return isinstance(value, str) and value.strip().startswith(PLACEHOLDER)
+
+
+def refuse_placeholders(places: Sequence[str]) -> None:
+    """Raise ``ConfigError`` naming every place whose value is still an example's placeholder."""
+    if places:
+        lines = [f"{place}: still the example's placeholder ({PLACEHOLDER}...)" for place in places]
+        raise ConfigError([*lines, PLACEHOLDER_HINT])

@@ -20,7 +20,8 @@ from proxy.config import ConfigError, Settings, parse_settings
 from proxy.environment import FILE_CAPABLE, FILE_SUFFIX, read_environment
 from proxy.settings_table import DEFAULTS
 from proxy.tenant_sources import ENV_KEY, ENV_SUFFIXES_ALL, GLOBAL_FALLBACKS
-from proxy.tenants import Registry, load_registry, refuse_placeholders
+from proxy.tenants import Registry, load_registry
+from proxy.typos import refuse_placeholders
 from tests.test_container import DOCKERFILE, REPO, final_stage, only
 from tests.test_docs_commands import commands, readme_commands
 
@@ -379,4 +380,4 @@ def test_the_example_secret_is_refused_until_its_placeholders_are_replaced(
 ) -> None:
     _settings, registry = load_gateway(kubernetes_deployment(), tmp_path)
     with pytest.raises(ConfigError, match="placeholder"):
-        refuse_placeholders(registry)
+        refuse_placeholders(registry.placeholders)

@@ -25,7 +25,11 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 
+# openssl makes the TLS tests' certificates; promtool (Debian's prometheus package) checks
+# deploy/prometheus-alerts.yml and runs its unit tests. Both from Debian when missing.
 test: lint
+	command -v openssl >/dev/null && command -v promtool >/dev/null || (apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl prometheus)
 	$(BIN)/python -m pytest -q
 
 # wrk is the load generator (C, event-driven: the client is never the bottleneck);

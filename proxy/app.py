@@ -30,6 +30,7 @@ from proxy.handlers import (
     handle_keys,
     handle_metrics,
     handle_readyz,
+    handle_spec,
     handle_status,
 )
 from proxy.idempotency import MemoryIdempotencyStore
@@ -48,7 +49,7 @@ from proxy.tenants import Registry
 from proxy.upstream import UpstreamClient, create_pool
 
 # Routes answered without an API key.
-PUBLIC_ROUTES: Final = frozenset({"keys", "healthz", "readyz", "metrics"})
+PUBLIC_ROUTES: Final = frozenset({"keys", "spec", "healthz", "readyz", "metrics"})
 # Methods forwarded under /openapi/ (OPTIONS stays free for CORS preflights).
 FORWARD_METHODS: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
@@ -94,6 +95,7 @@ def _add_routes(app: web.Application) -> None:
     app.router.add_get("/api/openapi/status", handle_status, name="status")
     app.router.add_get("/api/openapi/keys", handle_keys, name="keys")
     app.router.add_post("/api/openapi/append-numbers", handle_append, name="append")
+    app.router.add_get("/api/openapi/spec.json", handle_spec, name="spec")
     app.router.add_get("/healthz", handle_healthz, name="healthz")
     app.router.add_get("/readyz", handle_readyz, name="readyz")
     app.router.add_get("/metrics", handle_metrics, name="metrics")

@@ -112,6 +112,14 @@ class MethodNotAllowed(RequestError):
     error = "METHOD_NOT_ALLOWED"
     default_message = "Method not allowed"
 
+    def __init__(self, message: str | None = None, *, allowed: str = "", **kw: Any):
+        super().__init__(message, **kw)
+        self.allowed = allowed
+
+    def headers(self) -> dict[str, str]:
+        # RFC 9110 section 15.5.6: a 405 lists the methods the resource supports.
+        return {"Allow": self.allowed} if self.allowed else {}
+
 
 class IdempotencyKeyReused(RequestError):
     """An ``Idempotency-Key`` was sent again with a different body."""

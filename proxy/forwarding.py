@@ -71,6 +71,7 @@ RESPONSE_DROP: Final = HOP_BY_HOP | frozenset({"set-cookie", "x-request-id"})
 ACTION_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
 MULTIPART: Final = "multipart/form-data"
 READ_CHUNK: Final = 256 * 1024
+MAX_DECODES: Final = 3
 
 
 def action_table(extra: tuple[tuple[str, str], ...]) -> dict[str, str]:
@@ -110,13 +111,28 @@ def _build_url(base_url: str, raw_path: str) -> URL:
     if not raw_path.startswith("/openapi/"):
         raise RequestError("Request target must be a path under /openapi/", error="INVALID_PATH")
     for segment in raw_path.split("/")[1:]:
-        decoded = unquote(segment) if "%" in segment else segment
+        decoded = _fully_decoded(segment) if "%" in segment else segment
         # "..;x" is ".." to servlet containers (path parameters), so it counts as a dot segment.
-        if decoded.split(";", 1)[0] in ("", ".", "..") or any(c in decoded for c in "/\\\x00?#"):
+        if (
+            decoded is None
+            or decoded.split(";", 1)[0] in ("", ".", "..")
+            or any(c in decoded for c in "/\\\x00?#")
+        ):
             raise RequestError(
                 "Path has an empty, dot or encoded-slash segment", error="INVALID_PATH"
             )
     return _checked(URL(base_url + raw_path, encoded=True), base_url)
+
+
+def _fully_decoded(segment: str) -> str | None:
+    """The segment percent-decoded until it stops changing; None past MAX_DECODES rounds.
+    A server (or a proxy in front of it) that decodes twice takes ``%252e%252e`` for ``..``."""
+    for _ in range(MAX_DECODES):
+        decoded = unquote(segment)
+        if decoded == segment:
+            return segment
+        segment = decoded
+    return None
 
 
 def _checked(url: URL, base_url: str) -> URL:

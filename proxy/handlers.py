@@ -1,4 +1,4 @@
-"""Local handlers: status, the public key directory, liveness and readiness."""
+"""Local handlers: status, the public key directory, the API document, liveness, readiness."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import __version__
+from proxy.apidoc import document_bytes
 from proxy.appkeys import (
     METRICS,
     SETTINGS,
@@ -76,6 +77,11 @@ async def handle_keys(request: web.Request) -> web.Response:
         for t in tenants
     ]
     return envelope("Available API Keys", {"totalKeys": len(keys), "keys": keys})
+
+
+async def handle_spec(request: web.Request) -> web.Response:
+    """The OpenAPI 3.1 document of the client-facing API."""
+    return web.Response(body=document_bytes(), content_type="application/json", charset="utf-8")
 
 
 async def handle_metrics(request: web.Request) -> web.Response:

@@ -61,6 +61,9 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
+        # Exported at 0 from the start, so an alert's increase() sees the very first failure.
+        for result in ("success", "failure"):
+            self.reloads.labels(result)
         self.append_numbers = Counter(
             f"{PREFIX}_append_numbers",
             "Numbers processed by append-numbers",

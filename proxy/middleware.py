@@ -99,6 +99,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            allowed = ", ".join(sorted(exc.allowed_methods))
+            return render_error(MethodNotAllowed(exc.reason, allowed=allowed))
         cls = HTTP_ERRORS.get(exc.status, RequestError)
         return render_error(cls(exc.reason, status=exc.status))
     except Exception:

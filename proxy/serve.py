@@ -10,6 +10,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any, Final
@@ -32,6 +33,7 @@ from proxy.tenants import (
     load_registry,
     pointed_at,
 )
+from proxy.tls import CertificatePair, served_context, server_context
 from proxy.typos import refuse_placeholders, unknown_variables
 
 logger = logging.getLogger(__name__)
@@ -103,6 +105,9 @@ def run_gateway(
 
     ``demo``: the demo tenants, ``sandbox``: the configured ones, against an in-process sandbox
     (no reload there: a reloaded tenant would go to its real base URL)."""
+    pair = CertificatePair.of(settings)
+    if pair is not None:  # bad PEM: one clear line before any worker starts (each loads its own)
+        server_context(pair)
     setup_logging(settings.log_level)
     for slip in unknown_variables(read_environment(*source)):
         logger.warning("%s", slip)
@@ -164,15 +169,22 @@ def run_sandbox(host: str, port: int, accounts: Iterable[Credentials]) -> None:
 
 
 async def start_site(
-    app: web.Application, host: str, port: int, *, reuse_port: bool = False, grace: float = 0
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    reuse_port: bool = False,
+    grace: float = 0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> web.AppRunner:
-    """Set up ``app`` and listen on ``host:port``."""
+    """Set up ``app`` and listen on ``host:port`` (HTTPS with ``ssl_context``)."""
     runner = web.AppRunner(
         app, access_log_class=AccessLogger, handle_signals=False, shutdown_timeout=grace
     )
     await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, ssl_context=ssl_context)
     try:
-        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
+        await site.start()
     except BaseException as exc:  # e.g. the port is taken: close what setup opened, then fail
         await runner.cleanup()
         if isinstance(exc, OSError) and exc.errno in LISTEN_ERRORS:
@@ -236,33 +248,61 @@ async def _serve_until(
     source: ConfigSource | None,
     reuse_port: bool,
 ) -> None:
+    app = _gateway_app(settings, registry, source)
+    async with served_context(CertificatePair.of(settings)) as ssl_context:
+        runner = await start_site(
+            app,
+            settings.host,
+            settings.port,
+            reuse_port=reuse_port,
+            grace=settings.shutdown_grace,
+            ssl_context=ssl_context,
+        )
+        # Start-up objects (modules, app, registry) live for good: keep them out of GC passes.
+        gc.freeze()
+        port = bound_port(runner)
+        https = ssl_context is not None
+        logger.info(
+            "gateway listening",
+            extra={
+                "host": settings.host,
+                "port": port,
+                "https": https,
+                "tenants": len(registry),
+                "demo": demo,
+            },
+        )
+        if demo:
+            _demo_banner(settings.host, port, https)
+        await stop.wait()
+        await _shut_down(stop, app, runner, settings)
+
+
+def _gateway_app(
+    settings: Settings, registry: Registry, source: ConfigSource | None
+) -> web.Application:
     if source is None:  # demo mode: nothing to reload
-        app = create_app(settings, registry)
-    else:
-        # Mounted secrets (NAME_FILE) are watched too: a rotated secret file reloads itself.
-        watch = secret_files(*source)
-        app = create_app(settings, registry, reload=config_loader(source), watch=watch)
-    if RELOADER in app:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, app[RELOADER].request)
-    runner = await start_site(
-        app, settings.host, settings.port, reuse_port=reuse_port, grace=settings.shutdown_grace
-    )
-    # Start-up objects (modules, app, registry) live for good: keep them out of GC passes.
-    gc.freeze()
-    logger.info(
-        "gateway listening",
-        extra={
-            "host": settings.host,
-            "port": bound_port(runner),
-            "tenants": len(registry),
-            "demo": demo,
-        },
-    )
-    if demo:
-        _demo_banner(settings.host, bound_port(runner))
-    await stop.wait()
-    logger.info("shutting down", extra={"grace_s": settings.shutdown_grace})
+        return create_app(settings, registry)
+    # Mounted secrets (NAME_FILE) are watched too: a rotated secret file reloads itself.
+    watch = secret_files(*source)
+    app = create_app(settings, registry, reload=config_loader(source), watch=watch)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, app[RELOADER].request)
+    return app
+
+
+async def _shut_down(
+    stop: asyncio.Event, app: web.Application, runner: web.AppRunner, settings: Settings
+) -> None:
+    """Not ready at once; keep serving new connections SHUTDOWN_DELAY seconds (so load
+    balancers take the gateway out first), then close the listener and drain."""
+    delay, grace = settings.shutdown_delay, settings.shutdown_grace
+    logger.info("shutting down", extra={"delay_s": delay, "grace_s": grace})
     app[STATE].draining = True
+    if delay > 0:
+        stop.clear()  # a second SIGTERM/SIGINT cuts the delay short
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        logger.info("closing the listener", extra={"grace_s": grace})
     await runner.cleanup()
 
 
@@ -305,8 +345,9 @@ def _sandbox_banner(registry: Registry, url: str) -> None:
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
-def _demo_banner(host: str, port: int) -> None:
+def _demo_banner(host: str, port: int, https: bool = False) -> None:
     shown = LOOPBACK if host in ("0.0.0.0", "::") else host
+    scheme = "https" if https else "http"
     lines = [
         "=" * 72,
         "DEMO MODE: no tenant is configured, so the gateway serves two demo tenants",
@@ -314,7 +355,7 @@ def _demo_banner(host: str, port: int) -> None:
         "",
         *(f"  {alias}: x-api-key: {key}" for alias, _desc, key, _ak in DEMO_TENANTS),
         "",
-        f"  try: curl -H 'x-api-key: {DEMO_TENANTS[0][2]}' http://{shown}:{port}/api/openapi/status",
+        f"  try: curl -H 'x-api-key: {DEMO_TENANTS[0][2]}' {scheme}://{shown}:{port}/api/openapi/status",
         "Configure real tenants in .env or a tenants file (see config/) to leave demo mode.",
         "=" * 72,
     ]

@@ -254,7 +254,14 @@ def test_configuration_loads_with_credentials_for_every_tenant(
 
 def test_grace_period_outlasts_the_gateways_drain(deployment: Deployment, tmp_path: Path) -> None:
     settings, _ = load_gateway(deployment, tmp_path)
-    assert deployment.grace_seconds > settings.shutdown_grace
+    assert deployment.grace_seconds > settings.shutdown_delay + settings.shutdown_grace
+
+
+def test_kubernetes_gateway_keeps_serving_while_it_leaves_the_endpoints(tmp_path: Path) -> None:
+    settings, _ = load_gateway(kubernetes_deployment(), tmp_path)
+    # Endpoint and load-balancer updates take seconds to spread after the pod is marked
+    # terminating; until then new connections still arrive.
+    assert settings.shutdown_delay >= 5
 
 
 def test_app_calls_the_gateway_on_loopback_at_its_port(deployment: Deployment) -> None:

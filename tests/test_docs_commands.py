@@ -18,6 +18,7 @@ README: Final = (REPO / "README.md").read_text(encoding="utf-8")
 MAKEFILE: Final = (REPO / "Makefile").read_text(encoding="utf-8")
 # Programs a reader has, or that the README only shows for other machines (never run here).
 EXTERNAL: Final = frozenset({"curl", "docker", "kubectl", "cp"})
+ASSIGNMENT: Final = re.compile(r"[A-Z_][A-Z0-9_]*=\S*")
 # Sub-commands that are quick and need no server: the test runs them as printed.
 CHEAP: Final = frozenset({"sign", "keygen", "check", "--help", "--version"})
 # A program named bare (not .venv/bin/...): "command not found" in a fresh clone.
@@ -84,9 +85,18 @@ def make_targets() -> set[str]:
     return set(re.findall(r"^([a-z][\w-]*):", MAKEFILE, re.M))
 
 
+def installed_by_make() -> set[str]:
+    """System tools the Makefile installs when missing (``command -v tool || apt-get ...``)."""
+    return set(re.findall(r"command -v (\w+)", MAKEFILE))
+
+
 def runnable_problem(argv: list[str]) -> str | None:
     """Why ``argv`` would not run as printed from a fresh clone (None: it would)."""
+    while argv and ASSIGNMENT.fullmatch(argv[0]):  # NAME=value cmd: the variable is for cmd
+        argv = argv[1:]
     program = argv[0]
+    if program in installed_by_make():
+        return None
     if program == "make":
         missing = [t for t in argv[1:] if not t.startswith("-") and t not in make_targets()]
         return f"no make target {missing}" if missing or len(argv) < 2 else None
@@ -121,6 +131,9 @@ def test_every_readme_command_runs_from_a_fresh_clone() -> None:
         ([".venv/bin/nxlink-proxy", "keygen"], True),
         ([".venv/bin/no-such-tool"], False),
         (["curl", "-s", "http://localhost:8001/healthz"], True),
+        (["PORT=1", ".venv/bin/nxlink-proxy", "serve"], True),
+        (["PORT=1", "nxlink-proxy", "serve"], False),
+        (["promtool", "check", "rules", "deploy/prometheus-alerts.yml"], True),
     ],
 )
 def test_runnable_check_tells_a_clone_command_from_a_missing_one(argv: list[str], ok: bool) -> None:

@@ -542,6 +542,9 @@ async def test_forward_keeps_the_method(start: StartPair, method: str) -> None:
         "/openapi/..;/admin",
         "/openapi/aiagent/..;x/..;y/secret",
         "/openapi/%2e%2e%3b/admin",
+        "/openapi/%252e%252e/secret",
+        "/openapi/a%252fb",
+        "/openapi/%25252e%25252e/x",
     ],
 )
 async def test_path_that_could_escape_the_base_url_is_refused(
@@ -596,6 +599,10 @@ PREFIXED_BASE: Final = "http://nxlink.test:8080/prefix"
         "/openapi/a%00b",
         "/openapi/a%3Fb",
         "/openapi/a%23b",
+        "/openapi/%252e%252e/x",
+        "/openapi/%25%32%65%25%32%65/x",
+        "/openapi/a%255cb",
+        "/openapi/%2525252e",
         "/openapi/",
         "//evil.com/openapi/x",
         "http://evil.com/openapi/x",

@@ -75,6 +75,19 @@ async def test_failures_answer_with_an_envelope_whose_code_is_the_http_status(
     assert "Traceback" not in body["message"]
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [("POST", STATUS, "GET, HEAD"), ("DELETE", "/healthz", "GET, HEAD")],
+)
+async def test_method_not_allowed_lists_the_allowed_methods(
+    gateway: Client, method: str, path: str, allowed: str
+) -> None:
+    resp = await gateway.request(method, path, headers={"x-api-key": KEY_A})
+    body = await envelope_of(resp)
+    assert (resp.status, body["error"]) == (405, "METHOD_NOT_ALLOWED")
+    assert resp.headers["Allow"] == allowed
+
+
 async def test_invalid_key_is_masked_and_lists_available_keys(gateway: Client) -> None:
     resp = await gateway.get(STATUS, headers={"x-api-key": "wrong-key-0123456789"})
     body = await envelope_of(resp)

@@ -152,3 +152,52 @@ async def test_a_worker_that_dies_makes_the_supervisor_exit_non_zero(
         os.kill(doomed, signal.SIGKILL)
         gateway.send(signal.SIGTERM)
         assert await gateway.wait_exit(timeout=10) == 128 + signal.SIGKILL
+
+
+async def test_shutdown_delay_keeps_serving_new_connections_unready_then_closes(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    delay = 3.0
+    tenants = [tenant_entry("tenant-a", KEY_A, upstream.base_url, CREDS_A)]
+    async with gateway_process(tmp_path, tenants, SHUTDOWN_DELAY=str(delay)) as gateway:
+        loop = asyncio.get_running_loop()
+        signalled = loop.time()
+        gateway.send(signal.SIGTERM)
+        await gateway.wait_logged("shutting down")
+        # Each call on a NEW connection, as a load balancer's would be.
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as fresh:
+            async with fresh.get(gateway.url + "/readyz") as response:
+                assert response.status == 503
+                assert (await response.json())["error"] == "NOT_READY"
+            async with fresh.get(gateway.url + "/healthz") as response:
+                assert response.status == 200
+            async with fresh.post(
+                gateway.url + "/openapi/aiagent/task/list",
+                data=b"{}",
+                headers={"x-api-key": KEY_A, "Content-Type": "application/json"},
+            ) as response:
+                assert response.status == 200
+                assert (await response.json())["code"] == 0
+        assert loop.time() - signalled < delay  # all of the above fell inside the delay
+
+        async def refuses_new_connections() -> bool:
+            return await _refused(gateway.url)
+
+        await eventually(refuses_new_connections, what="the listener to close after the delay")
+        assert loop.time() - signalled >= delay
+        assert gateway.count_logged("closing the listener") == 1
+        assert await gateway.wait_exit(timeout=10) == 0
+    assert len(upstream.received) == 1
+
+
+async def test_a_second_sigterm_cuts_the_shutdown_delay_short(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    tenants = [tenant_entry("tenant-a", KEY_A, upstream.base_url, CREDS_A)]
+    async with gateway_process(tmp_path, tenants, SHUTDOWN_DELAY="60") as gateway:
+        gateway.send(signal.SIGTERM)
+        await gateway.wait_logged("shutting down")
+        assert gateway.process.poll() is None
+        gateway.send(signal.SIGTERM)
+        assert await gateway.wait_exit(timeout=10) == 0  # not the 60 s delay

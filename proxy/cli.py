@@ -25,7 +25,7 @@ from proxy.tenants import (
     accounts_of,
     hash_key,
 )
-from proxy.typos import refuse_placeholders, unknown_variables
+from proxy.typos import placeholder_problems, refuse_placeholders, unknown_variables
 
 logger = logging.getLogger(__name__)
 
@@ -153,9 +153,9 @@ def cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if len(registry) == 0:
         raise ConfigError([NO_TENANTS])
     slips = unknown_variables(read_environment(environ, _overrides(args)))
+    slips += placeholder_problems(registry.placeholders)
     if slips:
         raise ConfigError(slips)
-    refuse_placeholders(registry.placeholders)
     print(f"{len(registry)} tenant(s) configured; settings OK")
     for tenant in registry.tenants:
         print("\n".join(describe_tenant(tenant, settings)))

@@ -116,8 +116,15 @@ def _is_placeholder(value: object) -> bool:
     return isinstance(value, str) and value.strip().startswith(PLACEHOLDER)
 
 
+def placeholder_problems(places: Sequence[str]) -> list[str]:
+    """One line per place still holding an example's placeholder, then the hint (or nothing)."""
+    if not places:
+        return []
+    lines = [f"{place}: still the example's placeholder ({PLACEHOLDER}...)" for place in places]
+    return [*lines, PLACEHOLDER_HINT]
+
+
 def refuse_placeholders(places: Sequence[str]) -> None:
     """Raise ``ConfigError`` naming every place whose value is still an example's placeholder."""
     if places:
-        lines = [f"{place}: still the example's placeholder ({PLACEHOLDER}...)" for place in places]
-        raise ConfigError([*lines, PLACEHOLDER_HINT])
+        raise ConfigError(placeholder_problems(places))

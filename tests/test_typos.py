@@ -84,3 +84,12 @@ async def test_serve_logs_a_warning_for_each_typo_and_serves(tmp_path: Path) -> 
     async with gateway_process(tmp_path, None, "--demo", RATE_LIMIT_RSP="5") as gateway:
         warnings = [line for line in gateway.log_lines() if line.get("level") == "warning"]
     assert any("did you mean RATE_LIMIT_RPS?" in line["message"] for line in warnings), warnings
+
+
+def test_check_lists_typos_and_placeholders_in_one_run(capsys: pytest.CaptureFixture[str]) -> None:
+    env = TENANT | {"RATE_LIMIT_RSP": "5"}
+    env["EXTERNAL_API_KEY_1_OPENAPI_ACCESS_KEY"] = "replace-with-access-key-1"
+    assert main(["check", "--env-file", "/dev/null"], environ=env) == 1
+    err = capsys.readouterr().err
+    assert "did you mean RATE_LIMIT_RPS?" in err
+    assert "EXTERNAL_API_KEY_1_OPENAPI_ACCESS_KEY: still the example's placeholder" in err

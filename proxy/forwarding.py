@@ -253,10 +253,11 @@ async def handle_forward(request: web.Request) -> web.StreamResponse:
     tenant = current_tenant(request)
     credentials = credentials_of(tenant)
     settings = app[SETTINGS]
-    action = resolve_action(request.headers, request.path, app[ACTIONS])
+    # The path first: one that tries to leave the base URL is INVALID_PATH, whatever its action.
     url = build_upstream_url(
         tenant.base_url, request.raw_path.partition("?")[0], request.rel_url.raw_query_string
     )
+    action = resolve_action(request.headers, request.path, app[ACTIONS])
     streamed = is_multipart(request)
     headers = filter_request_headers(request.headers, streamed=streamed)
     headers.append(("X-Request-Id", ctx.request_id))

@@ -6,7 +6,7 @@ import hashlib
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -14,6 +14,7 @@ from proxy.config import ConfigError, Quotas, Secret, Settings, mask_key
 from proxy.nxlink import ALGORITHMS, DEFAULT_BASE_URL, DEFAULT_BIZ_TYPE
 from proxy.settings_table import QUOTA_FIELDS
 from proxy.tenant_sources import GLOBAL_FALLBACKS, Entry, entries_from_env, entries_from_file
+from proxy.typos import placeholders
 from proxy.urls import is_http_url
 
 HASH_PREFIX: Final = "sha256:"
@@ -96,9 +97,16 @@ class Match:
 class Registry:
     """The configured tenants, looked up by the SHA-256 of the presented key."""
 
-    def __init__(self, tenants: Sequence[Tenant], warnings: Sequence[str] = ()):
+    def __init__(
+        self,
+        tenants: Sequence[Tenant],
+        warnings: Sequence[str] = (),
+        placeholders: Sequence[str] = (),
+    ):
         self.tenants: tuple[Tenant, ...] = tuple(tenants)
         self.warnings: tuple[str, ...] = tuple(warnings)
+        # Where a value is still an example's placeholder (fine against the sandbox only).
+        self.placeholders: tuple[str, ...] = tuple(placeholders)
         self._by_digest = {key.digest: Match(t, key) for t in self.tenants for key in t.keys}
 
     def lookup(self, presented: str) -> Match | None:
@@ -128,7 +136,7 @@ def load_registry(env: Mapping[str, str], settings: Settings) -> Registry:
     _check_duplicates(tenants, problems)
     if problems:
         raise ConfigError(problems)
-    return Registry(tenants, _warnings(tenants))
+    return Registry(tenants, _warnings(tenants), placeholders(entries, env))
 
 
 def _build_tenant(entry: Entry, env: Mapping[str, str], problems: list[str]) -> Tenant | None:
@@ -234,7 +242,7 @@ def _parse_key(item: Any) -> ApiKey:
         return ApiKey(bytes.fromhex(hex_digest), f"sha256:{hex_digest[:8]}***", not_after)
     raise ValueError(
         'apiKey must be a non-empty string, or apiKeyHash "sha256:" + 64 hex '
-        "digits (make one with: python -m proxy keygen)"
+        "digits (make one with: .venv/bin/nxlink-proxy keygen)"
     )
 
 
@@ -346,6 +354,17 @@ DEMO_TENANTS: Final = (
     ("电商平台A", "电商平台A的API密钥", "ecommerce-platform-key-abc123", "demo-ecommerce-ak"),
     ("金融平台B", "金融平台B的API密钥", "finance-platform-key-xyz789", "demo-finance-ak"),
 )
+
+
+def accounts_of(registry: Registry) -> list[Credentials]:
+    """The nxlink accounts of the tenants that have one (what a sandbox must accept)."""
+    return [t.credentials for t in registry.tenants if t.credentials is not None]
+
+
+def pointed_at(registry: Registry, base_url: str) -> Registry:
+    """The same tenants and warnings, every one of them sent to ``base_url`` (a sandbox)."""
+    tenants = [replace(t, base_url=base_url) for t in registry.tenants]
+    return Registry(tenants, registry.warnings, registry.placeholders)
 
 
 def demo_registry(base_url: str) -> Registry:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import secrets
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ from proxy.limits import TenantPolicy
 from proxy.nxlink import now_ms
 from proxy.serve import load_config, run_gateway, run_sandbox
 from proxy.signing import sign_headers, string_to_sign
-from proxy.tenants import Credentials, Registry, Tenant, hash_key
+from proxy.tenants import Credentials, Registry, Tenant, generate_key, hash_key
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +218,7 @@ def cmd_sandbox(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 def cmd_keygen(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """Print a new random key and the ``sha256:`` hash to configure instead of it."""
-    key = "nxk_" + secrets.token_urlsafe(32)
+    key = generate_key()
     print(json.dumps({"apiKey": key, "apiKeyHash": "sha256:" + hash_key(key).hex()}, indent=2))
     return 0
 

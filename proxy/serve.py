@@ -15,13 +15,15 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from proxy.admin import AdminContext, TenantsFile, create_admin_app
 from proxy.app import create_app
-from proxy.appkeys import RELOADER, STATE
+from proxy.appkeys import RELOADER, STATE, UPSTREAM
 from proxy.config import ConfigError, Settings, parse_settings
 from proxy.environment import read_environment, secret_files
 from proxy.logs import AccessLogger, setup_logging
 from proxy.reload import Loader
 from proxy.sandbox import create_sandbox_app
+from proxy.state import open_state
 from proxy.tenants import DEMO_TENANTS, Credentials, Registry, demo_registry, load_registry
 
 logger = logging.getLogger(__name__)
@@ -199,6 +201,9 @@ async def _serve_until(
     runner = await start_site(
         app, settings.host, settings.port, reuse_port=reuse_port, grace=settings.shutdown_grace
     )
+    admin = None
+    if settings.admin_port is not None:
+        admin = await _start_admin(app, settings, source, reuse_port=reuse_port)
     # Start-up objects (modules, app, registry) live for good: keep them out of GC passes.
     gc.freeze()
     logger.info(
@@ -215,7 +220,41 @@ async def _serve_until(
     await stop.wait()
     logger.info("shutting down", extra={"grace_s": settings.shutdown_grace})
     app[STATE].draining = True
+    if admin is not None:
+        await admin.cleanup()
     await runner.cleanup()
+
+
+async def _start_admin(
+    app: web.Application, settings: Settings, source: ConfigSource | None, *, reuse_port: bool
+) -> web.AppRunner:
+    """The admin listener, sharing the gateway's live registry and upstream client."""
+    validate = None if source is None else tenants_validator(settings, source)
+    state = open_state(settings.state_url)
+    context = AdminContext(
+        settings,
+        app[STATE],
+        state,
+        lambda: app[UPSTREAM],
+        TenantsFile(settings.tenants_file, validate),
+    )
+    admin_app = create_admin_app(context)
+    admin_app.on_cleanup.append(lambda _app: state.close())
+    assert settings.admin_port is not None
+    runner = await start_site(
+        admin_app, settings.admin_host, settings.admin_port, reuse_port=reuse_port
+    )
+    logger.info("admin listening", extra={"host": settings.admin_host, "port": bound_port(runner)})
+    return runner
+
+
+def tenants_validator(settings: Settings, source: ConfigSource) -> Callable[[Any], Registry]:
+    """Checks a tenants document as start-up would, with the environment as it is now."""
+
+    def validate(document: Any) -> Registry:
+        return load_registry(read_environment(*source), settings, document=document)
+
+    return validate
 
 
 async def _serve_sandbox(host: str, port: int, accounts: list[Credentials]) -> None:

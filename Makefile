@@ -25,7 +25,10 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 
+# The admin console's browser test drives Debian's headless Chromium through chromedriver.
 test: lint
+	test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || (apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 	$(BIN)/python -m pytest -q
 
 # wrk is the load generator (C, event-driven: the client is never the bottleneck);

@@ -25,10 +25,12 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 
-# The admin console's browser test drives Debian's headless Chromium through chromedriver.
+# The admin console's browser test drives Debian's headless Chromium through chromedriver;
+# the README's admin examples are run with curl.
 test: lint
-	test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || (apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+	test -x /usr/bin/chromium && test -x /usr/bin/chromedriver && command -v curl >/dev/null || \
+	  (apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver curl)
 	$(BIN)/python -m pytest -q
 
 # wrk is the load generator (C, event-driven: the client is never the bottleneck);

@@ -201,9 +201,7 @@ async def _serve_until(
     runner = await start_site(
         app, settings.host, settings.port, reuse_port=reuse_port, grace=settings.shutdown_grace
     )
-    admin = None
-    if settings.admin_port is not None:
-        admin = await _start_admin(app, settings, source, reuse_port=reuse_port)
+    admin = await _start_admin(app, settings, source, reuse_port=reuse_port)
     # Start-up objects (modules, app, registry) live for good: keep them out of GC passes.
     gc.freeze()
     logger.info(
@@ -227,8 +225,11 @@ async def _serve_until(
 
 async def _start_admin(
     app: web.Application, settings: Settings, source: ConfigSource | None, *, reuse_port: bool
-) -> web.AppRunner:
-    """The admin listener, sharing the gateway's live registry and upstream client."""
+) -> web.AppRunner | None:
+    """The admin listener (when ADMIN_PORT is set), sharing the gateway's live registry and
+    upstream client."""
+    if settings.admin_port is None:
+        return None
     validate = None if source is None else tenants_validator(settings, source)
     state = open_state(settings.state_url)
     context = AdminContext(
@@ -240,7 +241,6 @@ async def _start_admin(
     )
     admin_app = create_admin_app(context)
     admin_app.on_cleanup.append(lambda _app: state.close())
-    assert settings.admin_port is not None
     runner = await start_site(
         admin_app, settings.admin_host, settings.admin_port, reuse_port=reuse_port
     )

@@ -502,3 +502,16 @@ async def test_no_answer_or_log_line_holds_a_secret(
         ):
             assert secret not in text
     assert "admin tenant.create ok" in logged
+
+
+async def test_a_chunked_body_over_the_bound_is_refused_and_audited(admin: Admin) -> None:
+    async def chunks() -> Any:
+        for _ in range(80):
+            yield b" " * 1024
+
+    response = await admin.client.post(
+        "/admin/api/tenants", data=chunks(), headers=AUTH | {"Content-Type": "application/json"}
+    )
+    assert response.status == 413 and (await response.json())["error"] == "PAYLOAD_TOO_LARGE"
+    _, doc, _ = await call(admin, "GET", "/audit")
+    assert doc["data"]["entries"][0]["result"] == "PAYLOAD_TOO_LARGE"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from aiohttp import web
@@ -24,6 +25,8 @@ class AdminContext:
     state: StateBackend  # usage and the audit log
     upstream: Callable[[], UpstreamClient]  # the proxy's client, opened with its app
     tenants_file: TenantsFile
+    # Writes of this process one at a time, so registries are swapped in the files' order.
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 ADMIN: Final = web.AppKey("admin", AdminContext)

@@ -141,6 +141,7 @@ async def write(request: web.Request, edit: Edit) -> Written:
     watching the file reload it on their next poll)."""
     ctx = admin_context(request)
     if_match = request.headers.get("If-Match")
-    written = await asyncio.to_thread(ctx.tenants_file.change, edit, if_match)
-    ctx.gateway.registry = written.registry
+    async with ctx.write_lock:
+        written = await asyncio.to_thread(ctx.tenants_file.change, edit, if_match)
+        ctx.gateway.registry = written.registry
     return written

@@ -25,7 +25,10 @@ async def read_json(request: web.Request, *, optional: bool = False) -> Any:
             error="UNSUPPORTED_MEDIA_TYPE",
             status=415,
         )
-    raw = await request.read()  # the app's client_max_size stops a longer chunked body
+    try:
+        raw = await request.read()  # the app's client_max_size stops a longer chunked body
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"Request body over {MAX_BODY} bytes") from None
     try:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:

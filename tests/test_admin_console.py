@@ -127,7 +127,8 @@ def sign_in(console: Console) -> None:
     console.until(lambda: len(console.rows()) == 3, "the three tenants")
 
 
-def create_edit_rotate(console: Console, base_url: str, proxy_url: str) -> str:
+def create_edit_rotate(console: Console, base_url: str, proxy_url: str) -> tuple[str, str]:
+    """The first key and the one the rotation made."""
     console.find("#new-tenant").click()
     console.fill(
         "tenant-form",
@@ -157,7 +158,29 @@ def create_edit_rotate(console: Console, base_url: str, proxy_url: str) -> str:
         "two keys after the rotation",
     )
     console.row_shows("tenant-new", "until")
-    return second
+    return first, second
+
+
+def revoke_first_key(console: Console, proxy_url: str, key: str) -> None:
+    console.click_in_row("tenant-new", "ul.keys li:first-child button.revoke")
+    console.until(lambda: console.dialog_open("confirm-dialog"), "the confirmation")
+    console.find("#confirm-yes").click()
+    console.until(
+        lambda: len(console.row("tenant-new").find_elements(By.CSS_SELECTOR, "ul.keys li")) == 1,
+        "one key after the revocation",
+    )
+    assert status_with_key(proxy_url, key) == 403
+
+
+def refused_in_words(console: Console) -> None:
+    console.find("#new-tenant").click()
+    console.fill("tenant-form", alias="tenant-a", baseUrl="ftp://nowhere")
+    console.find("#tenant-save").click()
+    errors = console.find("#tenant-form-errors")
+    console.until(lambda: "INVALID_TENANT" in errors.text, "the refusal in the form")
+    assert "baseUrl=ftp://nowhere: not an http(s) URL" in errors.text
+    assert console.dialog_open("tenant-dialog")
+    console.find("#tenant-dialog [data-close]").click()
 
 
 def check_test_and_chart(console: Console) -> None:
@@ -197,7 +220,8 @@ def drive(admin_url: str, proxy_url: str, base_url: str) -> None:
             console = Console(browser)
             browser.get(admin_url)
             sign_in(console)
-            key = create_edit_rotate(console, base_url, proxy_url)
+            refused_in_words(console)
+            first, key = create_edit_rotate(console, base_url, proxy_url)
             check_test_and_chart(console)
             audit = console.find("#audit-table").text
             assert "tenant.create" in audit and "key.rotate" in audit and "tenant.update" in audit
@@ -207,6 +231,7 @@ def drive(admin_url: str, proxy_url: str, base_url: str) -> None:
             assert storage == [1, 0, ""]
             SCREENSHOT.parent.mkdir(exist_ok=True)
             browser.save_screenshot(str(SCREENSHOT))
+            revoke_first_key(console, proxy_url, first)
             delete(console, proxy_url, key)
         finally:
             browser.quit()

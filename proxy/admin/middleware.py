@@ -88,7 +88,10 @@ def render_error(exc: GatewayError) -> web.Response:
 
 def token_middleware(*, digest: bytes | None) -> Middleware:
     """``Authorization: Bearer <admin token>`` on every ``/admin/api/`` path, compared as
-    SHA-256 digests in constant time; the console's page and files need none."""
+    SHA-256 digests in constant time; the console's page and files need none.
+
+    By path prefix rather than route name: without the token, an unknown API path answers
+    like a known one, so the routes tell nothing."""
 
     @web.middleware
     async def token(request: web.Request, handler: Handler) -> web.StreamResponse:

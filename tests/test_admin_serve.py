@@ -59,6 +59,10 @@ async def test_every_worker_takes_an_admin_write_within_three_seconds(
                 assert response.status == 404
             async with client.get(f"{admin}/tenants", headers={"x-api-key": KEY_A}) as response:
                 assert response.status == 401
+    access = [line for line in gateway.log_lines() if line.get("logger") == "aiohttp.access"]
+    assert {"path": "/admin/api/tenants", "status": 201} in [
+        {"path": line["path"], "status": line["status"]} for line in access
+    ]
     assert KEY_A in gateway.tenants_file.read_text()  # untouched entries keep their form
     assert key not in gateway.tenants_file.read_text()
     assert ADMIN_TOKEN not in gateway.stdout() + gateway.stderr()

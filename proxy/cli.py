@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import secrets
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from proxy.tenants import (
     Registry,
     Tenant,
     accounts_of,
+    generate_key,
     hash_key,
 )
 from proxy.typos import placeholder_problems, refuse_placeholders, unknown_variables
@@ -238,7 +238,7 @@ def cmd_sandbox(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 def cmd_keygen(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """Print a new random key and the ``sha256:`` hash to configure instead of it."""
-    key = "nxk_" + secrets.token_urlsafe(32)
+    key = generate_key()
     print(json.dumps({"apiKey": key, "apiKeyHash": "sha256:" + hash_key(key).hex()}, indent=2))
     return 0
 

@@ -17,13 +17,15 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from proxy.admin import AdminContext, TenantsFile, create_admin_app
 from proxy.app import create_app
-from proxy.appkeys import RELOADER, STATE
+from proxy.appkeys import RELOADER, STATE, UPSTREAM
 from proxy.config import ConfigError, Settings, mask_key, parse_settings
 from proxy.environment import read_environment, secret_files
 from proxy.logs import AccessLogger, setup_logging
 from proxy.reload import Loader
 from proxy.sandbox import create_sandbox_app
+from proxy.state import open_state
 from proxy.tenants import (
     DEMO_TENANTS,
     Credentials,
@@ -258,6 +260,7 @@ async def _serve_until(
             grace=settings.shutdown_grace,
             ssl_context=ssl_context,
         )
+        admin = await _start_admin(app, settings, source, reuse_port=reuse_port)
         # Start-up objects (modules, app, registry) live for good: keep them out of GC passes.
         gc.freeze()
         port = bound_port(runner)
@@ -276,6 +279,8 @@ async def _serve_until(
             _demo_banner(settings.host, port, https)
         await stop.wait()
         await _shut_down(stop, app, runner, settings)
+        if admin is not None:
+            await admin.cleanup()
 
 
 def _gateway_app(
@@ -304,6 +309,40 @@ async def _shut_down(
             await asyncio.wait_for(stop.wait(), delay)
         logger.info("closing the listener", extra={"grace_s": grace})
     await runner.cleanup()
+
+
+async def _start_admin(
+    app: web.Application, settings: Settings, source: ConfigSource | None, *, reuse_port: bool
+) -> web.AppRunner | None:
+    """The admin listener (when ADMIN_PORT is set), sharing the gateway's live registry and
+    upstream client."""
+    if settings.admin_port is None:
+        return None
+    validate = None if source is None else tenants_validator(settings, source)
+    state = open_state(settings.state_url)
+    context = AdminContext(
+        settings,
+        app[STATE],
+        state,
+        lambda: app[UPSTREAM],
+        TenantsFile(settings.tenants_file, validate),
+    )
+    admin_app = create_admin_app(context)
+    admin_app.on_cleanup.append(lambda _app: state.close())
+    runner = await start_site(
+        admin_app, settings.admin_host, settings.admin_port, reuse_port=reuse_port
+    )
+    logger.info("admin listening", extra={"host": settings.admin_host, "port": bound_port(runner)})
+    return runner
+
+
+def tenants_validator(settings: Settings, source: ConfigSource) -> Callable[[Any], Registry]:
+    """Checks a tenants document as start-up would, with the environment as it is now."""
+
+    def validate(document: Any) -> Registry:
+        return load_registry(read_environment(*source), settings, document=document)
+
+    return validate
 
 
 async def _serve_sandbox(host: str, port: int, accounts: list[Credentials]) -> None:

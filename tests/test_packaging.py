@@ -111,3 +111,7 @@ def test_clean_install_provides_a_working_nxlink_proxy(tmp_path: Path) -> None:
     assert run([script, "--version"], tmp_path, 60).strip() == f"nxlink-proxy {__version__}"
     pair = json.loads(run([script, "keygen"], tmp_path, 60))
     assert pair["apiKeyHash"] == "sha256:" + hashlib.sha256(pair["apiKey"].encode()).hexdigest()
+    listing = "from importlib import resources; print(*sorted(p.name for p in " + (
+        "(resources.files('proxy.admin') / 'static').iterdir()))"
+    )
+    assert run([python, "-c", listing], tmp_path, 60).split() == ["app.css", "app.js", "index.html"]

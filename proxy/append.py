@@ -24,12 +24,11 @@ from proxy.appkeys import (
 )
 from proxy.config import mask_key
 from proxy.forwarding import build_upstream_url, read_body
-from proxy.http1 import Response
 from proxy.idempotency import body_digest
 from proxy.numbers import AppendCall, ContactItem, Entry, decode_json, parse_call
 from proxy.nxlink import APPEND_ACTION, APPEND_PATH, SUCCESS_CODES
 from proxy.tenants import Credentials
-from proxy.upstream import UpstreamClient, UpstreamRequest, json_headers
+from proxy.upstream import Response, UpstreamClient, UpstreamRequest, json_headers
 
 logger = logging.getLogger(__name__)
 

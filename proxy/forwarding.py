@@ -25,9 +25,8 @@ from proxy.appkeys import (
     current_tenant,
 )
 from proxy.errors import NotFound, PayloadTooLarge, RequestError
-from proxy.http1 import Response
 from proxy.nxlink import KNOWN_ACTIONS
-from proxy.upstream import LARGE_BODY, StreamFactory, UpstreamRequest
+from proxy.upstream import LARGE_BODY, Response, StreamFactory, UpstreamRequest
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
-from proxy.http1 import HIGH_WATER, ConnectFailed, Pool, ResponseBroken
+from proxy.upstream import HIGH_WATER, ConnectFailed, Pool, ResponseBroken
 
 LIMIT: Final = 3.0  # seconds any one test may spend waiting on the network
 SERVER_LIFETIME: Final = 10.0  # a raw server connection never outlives this

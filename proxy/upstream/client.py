@@ -14,10 +14,12 @@ from yarl import URL
 
 from proxy.config import Settings
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable
-from proxy.http1 import ConnectFailed, Pool, Response
 from proxy.nxlink import now_ms
 from proxy.signing import sign_headers
 from proxy.tenants import Credentials
+from proxy.upstream.framing import ConnectFailed
+from proxy.upstream.pool import Pool
+from proxy.upstream.response import Response
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from proxy.upstream.client import (
     create_pool,
     json_headers,
 )
-from proxy.upstream.framing import ConnectFailed, ResponseBroken
+from proxy.upstream.faults import ConnectFailed, ResponseBroken
 from proxy.upstream.pool import Pool
 from proxy.upstream.response import HIGH_WATER, Response
 

@@ -6,19 +6,8 @@ import asyncio
 import socket
 from typing import TYPE_CHECKING, cast
 
-import httptools
-
-from proxy.upstream.framing import (
-    MAX_FIELD,
-    MAX_HEADERS,
-    BodyStream,
-    ConnectFailed,
-    Head,
-    Origin,
-    ResponseBroken,
-    ResponseTooLarge,
-    UnexpectedAnswer,
-)
+from proxy.upstream.faults import ConnectFailed, ResponseBroken, StaleConnection
+from proxy.upstream.framing import AnswerParser, BodyStream, Head, PoolKey
 from proxy.upstream.response import Response
 
 if TYPE_CHECKING:
@@ -28,22 +17,18 @@ if TYPE_CHECKING:
 class Connection(asyncio.Protocol):
     """One keep-alive connection; at most one request on it at a time."""
 
-    def __init__(self, pool: Pool, origin: Origin):
+    def __init__(self, pool: Pool, key: PoolKey):
         self.pool = pool
-        self.origin = origin
+        self.key = key
+        self.read_timeout = pool.read_timeout
         self.closed = False
+        self.reused = False  # served a request before: nxlink may have closed it meanwhile
         self.idle_since = 0.0
         self._transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser = AnswerParser(self)
         self._reading_paused = False
         self._writing_paused = False
         self._drain: asyncio.Future[None] | None = None
-        self._head: asyncio.Future[Response] | None = None
-        self._response: Response | None = None
-        self._reason = b""
-        self._headers: list[tuple[str, str]] = []
-        self._no_body = False  # the answer to HEAD: headers only, whatever they announce
-        self._keep_alive = False  # read at the headers: llhttp resets it once a message ends
         self._writer: asyncio.Task[None] | None = None
 
     @property
@@ -60,21 +45,13 @@ class Connection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
-        if self._head is None:  # bytes with no request waiting (e.g. an unsolicited 408)
+        if self._parser.head is None:  # bytes with no request waiting (e.g. a stray 408)
             self.close()
             return
         try:
-            self._parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            # An upgrade (101) is refused too: the gateway never asks for one. A callback's
-            # ResponseTooLarge reaches here as the HttpParserError's cause.
-            cause = exc.__cause__ or exc.__context__
-            if isinstance(cause, ResponseTooLarge):
-                self._broken(ResponseBroken(f"Upstream answer's {cause} exceed the limits"))
-            elif isinstance(cause, UnexpectedAnswer):
-                self._broken(ResponseBroken("Upstream sent more than one answer"))
-            else:
-                self._broken(ResponseBroken(f"Malformed answer from upstream ({exc!r})"))
+            self._parser.feed(data)
+        except ResponseBroken as exc:
+            self._broken(exc)
 
     def eof_received(self) -> bool:
         self.closed = True  # no reuse from now on, before connection_lost gets to run
@@ -85,11 +62,14 @@ class Connection(asyncio.Protocol):
         self.pool.forget(self)
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(ResponseBroken("Upstream closed the connection"))
-        response = self._response
-        if self._head is not None and not self._head.done():
-            self._head.set_exception(ResponseBroken("Upstream closed the connection"))
+        head, response = self._parser.head, self._parser.response
+        if head is not None and not head.done():
+            if self.reused and not self._parser.received:
+                head.set_exception(StaleConnection("Upstream closed a kept-alive connection"))
+            else:
+                head.set_exception(ResponseBroken("Upstream closed the connection"))
         elif response is not None and not response.complete:
-            if exc is None and self._reads_until_close():
+            if exc is None and self._reads_until_close(response):
                 response._finish()
             else:
                 response._fail(ResponseBroken("Upstream closed the connection mid-answer"))
@@ -101,49 +81,6 @@ class Connection(asyncio.Protocol):
         self._writing_paused = False
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
-
-    # httptools callbacks
-
-    def on_message_begin(self) -> None:
-        if self._response is not None:
-            raise UnexpectedAnswer  # a second answer to one request
-        self._reason, self._headers = b"", []
-
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
-        if len(self._reason) > MAX_FIELD:
-            raise ResponseTooLarge("status line")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self._response is not None:
-            return  # a trailer after a chunked body: not forwarded, never kept
-        if len(name) + len(value) > MAX_FIELD or len(self._headers) >= MAX_HEADERS:
-            raise ResponseTooLarge("headers")
-        self._headers.append(
-            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-        )
-
-    def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
-        if 100 <= status < 200:  # an interim answer (100 Continue): the real one follows
-            self._reason, self._headers = b"", []
-            return
-        reason = self._reason.decode("latin-1")
-        self._keep_alive = self._parser.should_keep_alive()
-        response = Response(self, status, reason, self._headers)
-        self._response, self._reason, self._headers = response, b"", []
-        if self._head is not None and not self._head.done():
-            self._head.set_result(response)
-        if self._no_body:
-            response._finish()
-
-    def on_body(self, body: bytes) -> None:
-        if self._response is not None and not self._no_body:
-            self._response._feed(body)
-
-    def on_message_complete(self) -> None:
-        if self._response is not None:
-            self._response._finish()
 
     # used by Pool and Response
 
@@ -161,24 +98,21 @@ class Connection(asyncio.Protocol):
         if not self.usable:
             raise ConnectFailed("Upstream closed the connection before the request was sent")
         loop = asyncio.get_running_loop()
-        self._no_body = method == "HEAD"
-        self._keep_alive = False
-        self._head = loop.create_future()
-        self._response = None
+        head_future: asyncio.Future[Response] = loop.create_future()
+        self._parser.expect(head_future, method == "HEAD")
         # One timer handle, not asyncio.timeout: a third of the cost on every forward.
         timer = None if deadline is None else loop.call_at(deadline, self._expire)
         try:
             if stream is None:
                 self._transport.write(head.data + body if body else head.data)
-                return await self._head
+                return await head_future
             self._transport.write(head.data)
-            head_future = self._head
             writer = self._writer = loop.create_task(self._write_stream(stream, head.chunked))
             await asyncio.wait((head_future, writer), return_when=asyncio.FIRST_COMPLETED)
-            upstream_failed = head_future.done() and head_future.exception() is not None
             failed = writer.exception() if writer.done() and not writer.cancelled() else None
-            if failed is not None and not upstream_failed:
-                # The client's body broke or was refused before any answer.
+            if failed is not None and not head_future.done():
+                # The client's body broke or was refused before any answer; an answer that
+                # came with the failure is kept (the connection is then not reused).
                 head_future.cancel()
                 self.close()
                 raise failed
@@ -188,8 +122,9 @@ class Connection(asyncio.Protocol):
                 timer.cancel()
 
     def _expire(self) -> None:
-        if self._head is not None and not self._head.done():
-            self._head.set_exception(TimeoutError("No answer before the deadline"))
+        head = self._parser.head
+        if head is not None and not head.done():
+            head.set_exception(TimeoutError("No answer before the deadline"))
 
     async def _write_stream(self, stream: BodyStream, chunked: bool) -> None:
         assert self._transport is not None
@@ -205,6 +140,8 @@ class Connection(asyncio.Protocol):
             if self._writing_paused:
                 await self._drained()
         if chunked:
+            if not self.usable:
+                raise ResponseBroken("Upstream closed the connection during the upload")
             self._transport.write(b"0\r\n\r\n")
 
     async def _drained(self) -> None:
@@ -228,14 +165,19 @@ class Connection(asyncio.Protocol):
 
     def finished(self, response: Response) -> None:
         """The caller is done with ``response``: back to the pool, or closed."""
+        parser = self._parser
+        # A request still in the write buffer (an upload answered early) would delay the
+        # next one, or mix with it: such a connection is closed, not pooled.
         clean = (
             self._stop_writer()
             and response.complete
-            and not self._no_body
+            and not parser.no_body
             and not self.closed
-            and self._keep_alive
+            and parser.keep_alive
+            and self._transport is not None
+            and not self._transport.get_write_buffer_size()
         )
-        self._response, self._head = None, None
+        parser.response, parser.head = None, None
         self.resume_reading()
         if clean:
             self.pool.put(self)
@@ -260,17 +202,18 @@ class Connection(asyncio.Protocol):
         return not writer.cancelled() and writer.exception() is None
 
     def _broken(self, exc: ResponseBroken) -> None:
-        if self._head is not None and not self._head.done():
-            self._head.set_exception(exc)
-        elif self._response is not None:
-            self._response._fail(exc)
+        head, response = self._parser.head, self._parser.response
+        if head is not None and not head.done():
+            head.set_exception(exc)
+        elif response is not None:
+            response._fail(exc)
         self.close()
 
-    def _reads_until_close(self) -> bool:
+    @staticmethod
+    def _reads_until_close(response: Response) -> bool:
         """An answer not framed by chunking or a length ends when the connection does
         (RFC 9112 6.3: a Transfer-Encoding other than chunked outranks Content-Length)."""
-        assert self._response is not None
-        headers = self._response.headers
+        headers = response.headers
         codings = ",".join(headers.getall("Transfer-Encoding", ()))
         if not codings:
             return "Content-Length" not in headers

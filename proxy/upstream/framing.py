@@ -1,46 +1,173 @@
-"""HTTP/1.1 framing for the upstream client: the request head written, the limits an answer's
-head must keep, and the errors a broken exchange raises."""
+"""HTTP/1.1 framing for the upstream client: the request head written, the answer parsed
+within bounds, and the errors a broken exchange raises."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable
-from typing import Final, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple
 
+import httptools
 from yarl import URL
+
+from proxy.upstream.faults import ResponseBroken
+from proxy.upstream.response import Response
+
+if TYPE_CHECKING:
+    from proxy.upstream.connection import Connection
 
 BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 DEFAULT_PORTS: Final = {"http": 80, "https": 443}
-MAX_FIELD: Final = 8190  # bytes in the status line or one header (aiohttp's client limits)
+MAX_LINE: Final = 8 * 1024  # bytes in the status line, one header or one trailer
+MAX_HEAD: Final = 64 * 1024  # bytes in an answer's head (1xx heads included) or its trailers
 MAX_HEADERS: Final = 128
 # Set from the request itself; a caller's own would contradict the framing or the target.
 FRAMING: Final = frozenset({"host", "content-length", "transfer-encoding"})
 
 BodyStream = AsyncIterator[bytes]
 Origin = tuple[str, str, int]
+PoolKey = tuple[str, str, str, int]  # tenant, scheme, lower-cased host, port
 
 
-class ConnectFailed(ConnectionError):
-    """No connection could be made: nothing was sent, so the request may be tried again."""
+class AnswerRefused(Exception):
+    """Raised inside a parser callback: the answer breaks a limit or the protocol."""
 
 
-class ResponseBroken(ConnectionError):
-    """The connection failed or nxlink sent something that is not HTTP/1.1 after the request
-    was (partly) sent."""
+class AnswerParser:
+    """httptools' response parser with the answer's head and trailers bounded while their
+    bytes arrive: a line may not pass ``MAX_LINE`` nor a head (1xx included) or the
+    trailers ``MAX_HEAD``, counted before the parser buffers them."""
 
+    __slots__ = (
+        "connection",
+        "head",
+        "response",
+        "no_body",
+        "keep_alive",
+        "received",
+        "_parser",
+        "_framing",
+        "_size",
+        "_run",
+        "_reason",
+        "_headers",
+    )
 
-class ResponseTooLarge(Exception):
-    """Raised inside a parser callback: the answer's status line or headers are too big."""
+    def __init__(self, connection: Connection):
+        self.connection = connection
+        self.head: asyncio.Future[Response] | None = None
+        self.response: Response | None = None
+        self.no_body = False  # the answer to HEAD: headers only, whatever they announce
+        self.keep_alive = False  # read at the headers: llhttp resets it once a message ends
+        self.received = False  # any byte of an answer since the request was sent
+        self._parser = httptools.HttpResponseParser(self)
+        self._framing = False  # in a head, or maybe in trailers: bytes the parser buffers
+        self._size = 0  # bytes of the current head or trailers
+        self._run = 0  # bytes since the last line feed while in a head or trailers
+        self._reason = b""
+        self._headers: list[tuple[str, str]] = []
 
+    def expect(self, head: asyncio.Future[Response], no_body: bool) -> None:
+        """Ready for the answer to a request that is being sent."""
+        self.head, self.response, self.no_body = head, None, no_body
+        self.keep_alive = self.received = False
+        self._framing, self._size, self._run = True, 0, 0
 
-class UnexpectedAnswer(Exception):
-    """Raised inside a parser callback: bytes for a second answer to the same request."""
+    def feed(self, data: bytes) -> None:
+        """Parse ``data``; ResponseBroken when it is not HTTP/1.1 or passes a limit."""
+        self.received = True
+        try:
+            if self._framing:
+                self._feed_bounded(data)
+            else:
+                self._parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            # An upgrade (101) is refused too: the gateway never asks for one.
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, AnswerRefused):
+                raise ResponseBroken(f"Upstream answer refused: {cause}") from exc
+            raise ResponseBroken(f"Malformed answer from upstream ({exc!r})") from exc
+
+    def _feed_bounded(self, data: bytes) -> None:
+        """Feed at most what the head's budget allows, checking the line being received."""
+        while data and self._framing:
+            room = MAX_HEAD - self._size
+            if room <= 0:
+                raise ResponseBroken(f"Upstream answer's head or trailers exceed {MAX_HEAD} bytes")
+            piece, data = data[:room], data[room:]
+            self._size += len(piece)
+            self._parser.feed_data(piece)
+            if self._framing:  # all of ``piece`` was head or trailers
+                newline = piece.rfind(b"\n")
+                self._run = self._run + len(piece) if newline < 0 else len(piece) - newline - 1
+                if self._run > MAX_LINE:
+                    raise ResponseBroken(f"Upstream answer has a line over {MAX_LINE} bytes")
+        if data:
+            self._parser.feed_data(data)
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self.response is not None:
+            raise AnswerRefused("more than one answer to one request")
+        self._reason, self._headers = b"", []
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+        if len(self._reason) > MAX_LINE:
+            raise AnswerRefused("status line too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) + len(value) > MAX_LINE:
+            raise AnswerRefused("header line too long")
+        if self.response is not None:
+            return  # a trailer after a chunked body: not forwarded, never kept
+        if len(self._headers) >= MAX_HEADERS:
+            raise AnswerRefused(f"more than {MAX_HEADERS} headers")
+        self._headers.append(
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        )
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if not 100 <= status <= 599:
+            raise AnswerRefused(f"status {status} is outside 100-599")
+        if status < 200:  # an interim answer (100 Continue): the real one follows
+            self._reason, self._headers = b"", []
+            return
+        self._framing = False
+        self.keep_alive = self._parser.should_keep_alive()
+        response = Response(self.connection, status, self._reason.decode("latin-1"), self._headers)
+        self.response, self._reason, self._headers = response, b"", []
+        if self.head is not None and not self.head.done():
+            self.head.set_result(response)
+        if self.no_body:
+            response._finish()
+
+    def on_chunk_header(self) -> None:
+        # After the last chunk's size line come the trailers; after any other, its data.
+        self._framing, self._size, self._run = True, 0, 0
+
+    def on_chunk_complete(self) -> None:
+        self._framing = False
+
+    def on_body(self, body: bytes) -> None:
+        self._framing = False
+        if self.response is not None and not self.no_body:
+            self.response._feed(body)
+
+    def on_message_complete(self) -> None:
+        if self.response is not None:  # else a 1xx ended: the next head counts on
+            self._framing = False
+            self.response._finish()
 
 
 def origin_of(url: URL) -> Origin:
+    """(scheme, lower-cased host, port): hosts differ in case only, origins do not."""
     scheme = url.scheme
     if scheme not in DEFAULT_PORTS or not url.raw_host:
         raise ValueError(f"Unsupported upstream URL scheme or host: {scheme}")
-    return scheme, url.raw_host, url.port or DEFAULT_PORTS[scheme]
+    return scheme, url.raw_host.lower(), url.port or DEFAULT_PORTS[scheme]
 
 
 class Head(NamedTuple):

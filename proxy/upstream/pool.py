@@ -13,21 +13,20 @@ import aiohappyeyeballs
 from yarl import URL
 
 from proxy.upstream.connection import Connection
-from proxy.upstream.framing import (
-    BodyStream,
-    ConnectFailed,
-    Origin,
-    build_head,
-    origin_of,
-)
+from proxy.upstream.faults import ConnectFailed, TLSFailed
+from proxy.upstream.framing import BodyStream, PoolKey, build_head, origin_of
 from proxy.upstream.response import Response
 
 KEEPALIVE: Final = 15.0  # idle seconds a pooled connection is kept (servers allow 60-75)
+READ_TIMEOUT: Final = 30.0  # UPSTREAM_READ_TIMEOUT's default
 HAPPY_EYEBALLS_DELAY: Final = 0.25  # seconds before trying a host's next address in parallel
 
 
 class Pool:
-    """Keep-alive connections per origin, at most ``limit`` busy at once."""
+    """Keep-alive connections per tenant and origin, at most ``limit`` busy at once.
+
+    A connection is reused only for the tenant that opened it: whatever a broken answer
+    leaves on it can never reach another tenant's request."""
 
     def __init__(
         self,
@@ -35,17 +34,20 @@ class Pool:
         limit: int,
         connect_timeout: float,
         keepalive: float = KEEPALIVE,
+        read_timeout: float = READ_TIMEOUT,
         ssl_context: ssl.SSLContext | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive
+        self.read_timeout = read_timeout
         self._ssl = ssl_context
         self._clock = clock
         self._slots = asyncio.Semaphore(limit)
-        self._idle: dict[Origin, list[Connection]] = {}
+        self._idle: dict[PoolKey, list[Connection]] = {}
         self._open: set[Connection] = set()
         self._closed = False
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def request(
         self,
@@ -56,12 +58,15 @@ class Pool:
         body: bytes | None = None,
         stream: BodyStream | None = None,
         deadline: float | None = None,
+        tenant: str = "",
+        fresh: bool = False,
     ) -> Response:
         """Send one request; the caller must ``release()`` the response it gets.
 
         ``deadline`` (loop time) bounds waiting for a free slot, connecting and the answer's
-        headers: past it, TimeoutError. A connect failure before it is ConnectFailed."""
-        origin = origin_of(url)
+        headers: past it, TimeoutError. A connect failure before it is ConnectFailed.
+        ``fresh`` skips the idle connections (a retry after one turned out closed)."""
+        key = (tenant, *origin_of(url))
         head = build_head(method, url, headers, body, stream)
         if self._slots.locked():
             async with asyncio.timeout_at(deadline):
@@ -69,7 +74,8 @@ class Pool:
         else:
             await self._slots.acquire()
         try:
-            connection = self._idle_connection(origin) or await self._connect(origin, deadline)
+            idle = None if fresh else self._idle_connection(key)
+            connection = idle or await self._connect(key, deadline)
             try:
                 return await connection.send(method, head, body, stream, deadline)
             except BaseException:
@@ -80,8 +86,13 @@ class Pool:
             raise
 
     def put(self, connection: Connection) -> None:
+        """Keep ``connection`` for its tenant's next request to the same origin."""
         connection.idle_since = self._clock()
-        self._idle.setdefault(connection.origin, []).append(connection)
+        connection.reused = True
+        self._idle.setdefault(connection.key, []).append(connection)
+        if self._sweeper is None:
+            loop = asyncio.get_running_loop()
+            self._sweeper = loop.call_later(self.keepalive, self._sweep)
 
     def release_slot(self) -> None:
         self._slots.release()
@@ -89,20 +100,42 @@ class Pool:
     def forget(self, connection: Connection) -> None:
         """``connection`` is closed: drop it from the open set and the idle list."""
         self._open.discard(connection)
-        idle = self._idle.get(connection.origin)
+        idle = self._idle.get(connection.key)
         if idle and connection in idle:
             idle.remove(connection)
+            if not idle:
+                del self._idle[connection.key]
 
     async def close(self) -> None:
         """Close every connection, idle or not; later connects fail."""
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for connection in list(self._open):
             connection.close()
         self._open.clear()
         self._idle.clear()
 
-    def _idle_connection(self, origin: Origin) -> Connection | None:
-        idle = self._idle.get(origin)
+    def _sweep(self) -> None:
+        """Close the connections idle past ``keepalive``; come back while any are kept."""
+        self._sweeper = None
+        expired = self._clock() - self.keepalive
+        for key, idle in list(self._idle.items()):
+            kept = [connection for connection in idle if connection.idle_since >= expired]
+            for connection in idle:
+                if connection.idle_since < expired:
+                    connection.close()
+            if kept:
+                self._idle[key] = kept
+            else:
+                del self._idle[key]
+        if self._idle:
+            loop = asyncio.get_running_loop()
+            self._sweeper = loop.call_later(self.keepalive / 2, self._sweep)
+
+    def _idle_connection(self, key: PoolKey) -> Connection | None:
+        idle = self._idle.get(key)
         deadline = self._clock() - self.keepalive
         while idle:
             connection = idle.pop()  # the most recent: the least likely to be closed
@@ -111,8 +144,8 @@ class Pool:
             connection.close()
         return None
 
-    async def _connect(self, origin: Origin, deadline: float | None) -> Connection:
-        scheme, host, port = origin
+    async def _connect(self, key: PoolKey, deadline: float | None) -> Connection:
+        _tenant, scheme, host, port = key
         loop = asyncio.get_running_loop()
         tls = None
         if scheme == "https":
@@ -125,7 +158,7 @@ class Pool:
                 sock = await _open_socket(host, port)
                 try:
                     _, connection = await loop.create_connection(
-                        lambda: Connection(self, origin),
+                        lambda: Connection(self, key),
                         sock=sock,
                         ssl=tls,
                         server_hostname=host if tls else None,
@@ -133,6 +166,8 @@ class Pool:
                 except BaseException:
                     sock.close()
                     raise
+        except ssl.SSLCertVerificationError as exc:  # the same certificate on every try
+            raise TLSFailed(f"TLS with {host}:{port} failed ({exc.verify_message})") from exc
         except OSError as exc:  # TimeoutError included: the kernel's or the timer's
             if deadline is not None and loop.time() >= deadline:
                 raise TimeoutError("The deadline passed while connecting") from exc

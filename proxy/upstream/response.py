@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Final
 
 from multidict import CIMultiDict
 
+from proxy.upstream.faults import ReadTimedOut
+
 if TYPE_CHECKING:
     from proxy.upstream.connection import Connection
 
@@ -83,11 +85,24 @@ class Response:
             elif self._complete:
                 return
             else:
-                self._waiter = asyncio.get_running_loop().create_future()
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
+                await self._next_piece()
+
+    async def _next_piece(self) -> None:
+        """Wait for more of the body; past the read timeout the answer fails, and its
+        connection is closed: a stalled body must not hold a slot."""
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        timer = loop.call_later(self._connection.read_timeout, self._stalled)
+        try:
+            await self._waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def _stalled(self) -> None:
+        seconds = self._connection.read_timeout
+        self._fail(ReadTimedOut(f"Upstream sent nothing for {seconds:g}s in the middle of a body"))
+        self._connection.close()
 
     async def read(self) -> bytes:
         """The whole body."""

@@ -23,7 +23,7 @@ from tests.conftest import CREDS_A, CREDS_B
 from tests.hostile import Peer, Script, answer_each, endless, raw_upstream
 
 READ_TIMEOUT: Final = 0.5  # UPSTREAM_READ_TIMEOUT for these tests
-HEAD_TIMEOUT: Final = 2.0  # UPSTREAM_TIMEOUT
+HEAD_TIMEOUT: Final = 1.0  # UPSTREAM_TIMEOUT
 LIMIT: Final = 10.0  # no case may take longer, whichever client
 OK_5: Final = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
 CREDENTIALS: Final = {"a": CREDS_A, "b": CREDS_B}
@@ -254,7 +254,7 @@ CASES: Final = {
         "refused",
     ),
     "1xx-storm": Case(
-        endless_after(b"", b"HTTP/1.1 100 Continue\r\n\r\n" * 2048), "refused", "hang", 1.0, 2.0
+        endless_after(b"", b"HTTP/1.1 100 Continue\r\n\r\n" * 2048), "refused", "hang", 1.0, 1.0
     ),
     "101-switching-protocols": Case(
         answer_then_hold(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\nxyz"),
@@ -324,7 +324,7 @@ CASES: Final = {
         answer_then_close(b"HTTP/1.0 200 OK\r\n\r\nuntil the end"), "ok", "ok", valid=True
     ),
     "slow-trickle-body": Case(
-        trickle(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\ntrickled", 0.02),
+        trickle(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\ntrickled", 0.01),
         "ok",
         "ok",
         valid=True,

@@ -1,5 +1,5 @@
-"""HTTP/1.1 framing for the upstream client: the request head written, the answer parsed
-within bounds, and the errors a broken exchange raises."""
+"""HTTP/1.1 framing for the upstream client: the request head serialised, and the answer
+parsed over httptools with its head and trailers bounded while they arrive."""
 
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ class AnswerRefused(Exception):
 
 class AnswerParser:
     """httptools' response parser with the answer's head and trailers bounded while their
-    bytes arrive: a line may not pass ``MAX_LINE`` nor a head (1xx included) or the
-    trailers ``MAX_HEAD``, counted before the parser buffers them."""
+    bytes arrive: ``MAX_LINE`` a line, ``MAX_HEAD`` for a head (1xx heads included) or for
+    the trailers, counted as the parser is fed, so it never buffers more."""
 
     __slots__ = (
         "connection",

@@ -33,6 +33,9 @@ class Response:
         "_complete",
         "_error",
         "_released",
+        "_timeout",
+        "_watchdog",
+        "_waiting_since",
     )
 
     def __init__(
@@ -49,6 +52,9 @@ class Response:
         self._complete = False
         self._error: BaseException | None = None
         self._released = False
+        self._timeout = connection.read_timeout
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._waiting_since = 0.0
 
     @property
     def headers(self) -> CIMultiDict[str]:
@@ -92,16 +98,27 @@ class Response:
         connection is closed: a stalled body must not hold a slot."""
         loop = asyncio.get_running_loop()
         self._waiter = loop.create_future()
-        timer = loop.call_later(self._connection.read_timeout, self._stalled)
+        self._waiting_since = loop.time()
+        if self._watchdog is None:
+            # One timer re-armed on expiry, not one per wait: a long body waits thousands
+            # of times.
+            self._watchdog = loop.call_at(self._waiting_since + self._timeout, self._watch)
         try:
             await self._waiter
         finally:
-            timer.cancel()
             self._waiter = None
 
-    def _stalled(self) -> None:
-        seconds = self._connection.read_timeout
-        self._fail(ReadTimedOut(f"Upstream sent nothing for {seconds:g}s in the middle of a body"))
+    def _watch(self) -> None:
+        self._watchdog = None
+        if self._waiter is None or self._complete or self._error is not None:
+            return  # not waiting now: the next wait arms a new timer
+        loop = asyncio.get_running_loop()
+        deadline = self._waiting_since + self._timeout
+        if loop.time() < deadline:
+            self._watchdog = loop.call_at(deadline, self._watch)
+            return
+        message = f"Upstream sent nothing for {self._timeout:g}s in the middle of a body"
+        self._fail(ReadTimedOut(message))
         self._connection.close()
 
     async def read(self) -> bytes:
@@ -112,6 +129,9 @@ class Response:
         """Hand the connection back to the pool if it is clean, else close it."""
         if not self._released:
             self._released = True
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
             self._connection.finished(self)
 
     def _feed(self, data: bytes) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NotRequired, TypedDict
 
@@ -24,12 +24,11 @@ from proxy.appkeys import (
 )
 from proxy.config import mask_key
 from proxy.forwarding import build_upstream_url, read_body
-from proxy.http1 import Response
 from proxy.idempotency import body_digest
 from proxy.numbers import AppendCall, ContactItem, Entry, decode_json, parse_call
 from proxy.nxlink import APPEND_ACTION, APPEND_PATH, SUCCESS_CODES
 from proxy.tenants import Credentials
-from proxy.upstream import UpstreamClient, UpstreamRequest, json_headers
+from proxy.upstream import Response, UpstreamClient, UpstreamRequest, json_headers
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +36,7 @@ JSON = dict[str, Any]
 IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
 REPLAYED_HEADER: Final = "Idempotent-Replayed"
 MAX_IDEMPOTENCY_KEY: Final = 255
+_RUNNING: set[asyncio.Task[bytes]] = set()  # shielded runs whose client may have left
 
 
 class Result(TypedDict):
@@ -220,18 +220,37 @@ async def handle_append(request: web.Request) -> web.Response:
     raw = await read_body(request, settings.max_body_bytes, settings.upstream_timeout)
     key = idempotency_key(request)
     if key is None:
-        return _json_answer(await append_numbers(request, raw))
-    store = request.app[IDEMPOTENCY]
-    stored = await store.claim(key, await body_digest(raw))
+        return _json_answer(await _shielded(append_numbers(request, raw)))
+    stored = await request.app[IDEMPOTENCY].claim(key, await body_digest(raw))
     if stored is not None:
         return _json_answer(stored, replayed=True)
+    return _json_answer(await _shielded(_append_and_store(request, raw, key)))
+
+
+async def _append_and_store(request: web.Request, raw: bytes, key: str) -> bytes:
+    store = request.app[IDEMPOTENCY]
     try:
         answer = await append_numbers(request, raw)
     except BaseException:
         await store.release(key)
         raise
     await store.complete(key, answer)
-    return _json_answer(answer)
+    return answer
+
+
+async def _shielded(work: Coroutine[Any, Any, bytes]) -> bytes:
+    """``work`` run to its end even when the client leaves (aiohttp then cancels the
+    handler): batches already sent to nxlink are finished and their answer stored."""
+    task = asyncio.create_task(work)
+    _RUNNING.add(task)  # the loop keeps only a weak reference to a task
+    task.add_done_callback(_forget)
+    return await asyncio.shield(task)
+
+
+def _forget(task: asyncio.Task[bytes]) -> None:
+    _RUNNING.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: a failure the gone client can no longer see
 
 
 def _json_answer(body: bytes, *, replayed: bool = False) -> web.Response:

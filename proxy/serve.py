@@ -180,8 +180,14 @@ async def start_site(
     ssl_context: ssl.SSLContext | None = None,
 ) -> web.AppRunner:
     """Set up ``app`` and listen on ``host:port`` (HTTPS with ``ssl_context``)."""
+    # handler_cancellation: a client that goes away cancels its handler, which closes its
+    # upstream exchange and frees the connection slot at once (not at the next write).
     runner = web.AppRunner(
-        app, access_log_class=AccessLogger, handle_signals=False, shutdown_timeout=grace
+        app,
+        access_log_class=AccessLogger,
+        handle_signals=False,
+        shutdown_timeout=grace,
+        handler_cancellation=True,
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, ssl_context=ssl_context)

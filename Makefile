@@ -41,12 +41,15 @@ test: lint
 
 # wrk is the load generator (C, event-driven: the client is never the bottleneck);
 # nginx-light gives the plain reverse-proxy baseline; valgrind counts instructions per
-# request, a figure the machine's noise cannot move. All come from Debian's packages.
+# request, a figure the machine's noise cannot move; redis-server backs the state figures
+# (python -m bench.state). All come from Debian's packages.
 bench: install
 	command -v wrk >/dev/null && (command -v nginx || test -x /usr/sbin/nginx) >/dev/null && \
-	  command -v valgrind >/dev/null || (apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light valgrind)
+	  command -v valgrind >/dev/null && command -v redis-server >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq wrk nginx-light valgrind redis-server)
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.state
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

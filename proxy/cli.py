@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import sys
@@ -17,6 +18,7 @@ from proxy.limits import TenantPolicy
 from proxy.nxlink import now_ms
 from proxy.serve import load_config, run_gateway, run_sandbox
 from proxy.signing import sign_headers, string_to_sign
+from proxy.state import REACHABLE, state_report
 from proxy.tenants import (
     Credentials,
     Registry,
@@ -157,11 +159,20 @@ def cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if slips:
         raise ConfigError(slips)
     print(f"{len(registry)} tenant(s) configured; settings OK")
+    print(describe_check_state(settings))
     for tenant in registry.tenants:
         print("\n".join(describe_tenant(tenant, settings)))
     for warning in registry.warnings:
         print(f"warning: {warning}")
     return 0
+
+
+def describe_check_state(settings: Settings) -> str:
+    """The state backend's line in ``check``, and whether it answers now."""
+    if not settings.state_url and settings.workers > 1:
+        return "state: a private SQLite file shared by the workers, removed when the gateway stops"
+    line, reach = asyncio.run(state_report(settings.state_url))
+    return f"{line}; {reach}" if reach == REACHABLE else f"{line}\nwarning: state backend {reach}"
 
 
 def describe_tenant(tenant: Tenant, settings: Settings) -> list[str]:

@@ -12,7 +12,9 @@ import os
 import signal
 import ssl
 import sys
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+import tempfile
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from dataclasses import replace
 from typing import Any, Final
 
 from aiohttp import web
@@ -25,7 +27,7 @@ from proxy.environment import read_environment, secret_files
 from proxy.logs import AccessLogger, setup_logging
 from proxy.reload import Loader
 from proxy.sandbox import create_sandbox_app
-from proxy.state import open_state
+from proxy.state import REACHABLE, open_state, state_report
 from proxy.tenants import (
     DEMO_TENANTS,
     Credentials,
@@ -119,12 +121,44 @@ def run_gateway(
         return _supervise(settings, registry, reloadable)
     if settings.workers > 1:
         logger.warning("demo and sandbox modes run one worker: the sandbox keeps state in memory")
+    run(_announce_state(settings.state_url))
     run(_serve(settings, registry, demo=demo, sandbox=sandbox, source=reloadable))
     return 0
 
 
+async def _announce_state(url: str, private: bool = False) -> None:
+    """Log the state backend (password masked); an unreachable one is a warning, not fatal."""
+    line, reach = await state_report(url)
+    if private:
+        line = f"state {url}: shared by this gateway's workers, removed when it stops"
+    logger.info("%s", line)
+    if reach != REACHABLE:
+        logger.warning(
+            "state backend %s: serving on, with limits per process until it answers", reach
+        )
+
+
+@contextlib.contextmanager
+def _private_state(settings: Settings) -> Iterator[Settings]:
+    """Without ``STATE_URL``, the workers share a SQLite file in a folder only this process
+    can read (mode 0700), removed when it exits."""
+    if settings.state_url:
+        run(_announce_state(settings.state_url))
+        yield settings
+        return
+    with tempfile.TemporaryDirectory(prefix="nxlink-proxy-state-") as folder:
+        url = f"sqlite:///{folder}/state.db"
+        run(_announce_state(url, private=True))
+        yield replace(settings, state_url=url)
+
+
 def _supervise(settings: Settings, registry: Registry, source: ConfigSource | None) -> int:
     """Fork WORKERS processes sharing the port (SO_REUSEPORT); relay signals; wait for all."""
+    with _private_state(settings) as shared:
+        return _fork_workers(shared, registry, source)
+
+
+def _fork_workers(settings: Settings, registry: Registry, source: ConfigSource | None) -> int:
     context = multiprocessing.get_context("fork")
     workers = [
         context.Process(target=_worker, args=(settings, registry, source), name=f"worker-{n}")

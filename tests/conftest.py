@@ -17,6 +17,9 @@ from proxy.config import Secret, Settings, mask_key, parse_settings
 from proxy.sandbox import create_sandbox_app
 from proxy.tenants import ApiKey, Credentials, Limits, Registry, Tenant, hash_key
 
+# A real redis-server for the tests that need one (fixtures ``redis_server`` and ``own_redis``).
+pytest_plugins = ("tests.redis_server",)
+
 KEY_A = "tenant-a-key-0123456789"
 KEY_B = "tenant-b-key-9876543210"
 KEY_NOCREDS = "tenant-c-key-nocreds-000"

@@ -18,6 +18,7 @@ import pytest
 from proxy import __version__, cli
 from proxy.config import Settings, parse_settings
 from proxy.tenants import Credentials, Registry, load_registry
+from tests.processes import free_port
 
 KEY_A = "tenant-alpha-key-000111"
 KEY_B = "tenant-beta-key-000222"
@@ -445,3 +446,37 @@ def test_sandbox_gets_the_configured_tenants_accounts(
     assert (host, port) == ("127.0.0.1", 8123)
     assert [a.access_key for a in accounts] == ["ak-test", "ak-beta-account"]
     assert all(isinstance(a, Credentials) for a in accounts)
+
+
+@pytest.mark.parametrize(
+    ("state", "line"),
+    [
+        ({}, "state memory://: shared by this process only, lost on restart; reachable"),
+        (
+            {"STATE_URL": "sqlite:///state.db"},
+            "state sqlite:///state.db: shared by processes on this host, kept across restarts; "
+            "reachable",
+        ),
+        (
+            {"WORKERS": "2"},
+            "state: a private SQLite file shared by the workers, removed when the gateway stops",
+        ),
+    ],
+)
+def test_check_names_the_state_backend_and_whether_it_answers(
+    capsys: pytest.CaptureFixture[str], state: dict[str, str], line: str
+) -> None:
+    code, out, err = run(capsys, ["check"], ENV | state)
+    assert code == 0, err
+    assert out.splitlines()[1] == line
+
+
+def test_check_warns_when_redis_does_not_answer_and_masks_its_password(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url = f"redis://app:pa55word@127.0.0.1:{free_port()}/0"
+    code, out, err = run(capsys, ["check"], ENV | {"STATE_URL": url})
+    assert code == 0, err
+    assert out.splitlines()[1].startswith("state redis://app:***@127.0.0.1:")
+    assert out.splitlines()[2].startswith("warning: state backend unreachable (redis ")
+    assert "pa55word" not in out + err

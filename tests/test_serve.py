@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
+import stat
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -16,7 +19,9 @@ from tests.processes import (
     HELD_ACTION,
     HELD_PATH,
     Gate,
+    GatewayProcess,
     eventually,
+    free_port,
     gateway_process,
     tenant_entry,
 )
@@ -201,3 +206,42 @@ async def test_a_second_sigterm_cuts_the_shutdown_delay_short(
         assert gateway.process.poll() is None
         gateway.send(signal.SIGTERM)
         assert await gateway.wait_exit(timeout=10) == 0  # not the 60 s delay
+
+
+def state_lines(gateway: GatewayProcess) -> list[dict[str, Any]]:
+    return [line for line in gateway.log_lines() if line["message"].startswith("state ")]
+
+
+async def test_workers_without_a_state_url_share_a_private_sqlite_file(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    tenants = [tenant_entry("tenant-a", KEY_A, upstream.base_url, CREDS_A)]
+    async with gateway_process(tmp_path, tenants, WORKERS="2") as gateway:
+        await gateway.wait_logged("gateway listening", count=2)
+        (line,) = state_lines(gateway)  # one line, from the supervisor
+        found = re.fullmatch(
+            r"state sqlite:///(/\S+)/state\.db: shared by this gateway's workers, "
+            r"removed when it stops",
+            line["message"],
+        )
+        assert found is not None, line
+        folder = Path(found[1])
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        assert (folder / "state.db").is_file()
+        gateway.send(signal.SIGTERM)
+        assert await gateway.wait_exit(timeout=10) == 0
+    assert not folder.exists()
+
+
+async def test_an_unreachable_redis_at_start_up_is_a_warning_not_a_stop(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    tenants = [tenant_entry("tenant-a", KEY_A, upstream.base_url, CREDS_A)]
+    url = f"redis://app:pa55word@127.0.0.1:{free_port()}/0"
+    async with gateway_process(tmp_path, tenants, STATE_URL=url) as gateway:
+        await gateway.wait_logged("gateway listening")
+        info, warning = state_lines(gateway)
+        assert info["message"].startswith("state redis://app:***@127.0.0.1:")
+        assert warning["level"] == "warning"
+        assert warning["message"].startswith("state backend unreachable (redis ")
+        assert "pa55word" not in gateway.stdout() + gateway.stderr()

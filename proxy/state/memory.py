@@ -70,7 +70,9 @@ class MemoryState:
         if bucket is None:
             bucket = self._buckets[key] = _Bucket(float(burst), now)
         bucket.tokens = min(burst, bucket.tokens + max(0.0, now - bucket.updated) * rate)
-        bucket.updated = now
+        # Never back in time: a caller whose clock lags (another process) must not make the
+        # next caller refill the same seconds again.
+        bucket.updated = max(bucket.updated, now)
         allowed = bucket.tokens >= 1
         if allowed:
             bucket.tokens -= 1

@@ -114,7 +114,8 @@ class Console:
         self.until(lambda: bool(self.find("#copy-state").text), "the copy button's answer")
         self.find("#key-dialog [data-close]").click()
         self.until(lambda: not self.dialog_open("key-dialog"), "the new-key dialog closing")
-        assert self.find("#new-key").get_attribute("value") == ""  # shown once, then forgotten
+        # Shown once, then forgotten (the dialog's close handler clears it).
+        self.until(lambda: self.find("#new-key").get_attribute("value") == "", "the key cleared")
         return key
 
 

@@ -15,13 +15,14 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY proxy ./proxy
 
-# Build a wheel first so the runtime venv holds an installed package, not a source tree.
+# Build a wheel first so the runtime venv holds an installed package, not a source tree;
+# constraints.txt pins every dependency to the versions make test last passed with.
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
     && python -m venv /opt/venv \
-    && /opt/venv/bin/pip install /wheels/*.whl \
+    && /opt/venv/bin/pip install -c constraints.txt /wheels/*.whl \
     && /opt/venv/bin/pip uninstall --yes pip setuptools
 
 

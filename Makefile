@@ -25,13 +25,18 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 
-# openssl makes the TLS tests' certificates; promtool (Debian's prometheus package) checks
-# deploy/prometheus-alerts.yml and runs its unit tests; the state tests start a real
-# redis-server on 127.0.0.1. All from Debian when missing.
+# System programs the tests need, installed from Debian's packages when one is missing:
+# openssl (the TLS tests' certificates), promtool (Debian's prometheus: checks and unit-tests
+# deploy/prometheus-alerts.yml), chromium + chromedriver (the admin console's browser test),
+# curl (the README's admin examples) and redis-server (the Redis state backend's tests).
+TEST_PROGRAMS := openssl promtool chromium chromedriver curl redis-server
+TEST_PACKAGES := openssl prometheus chromium chromium-driver curl redis-server
+
 test: lint
-	command -v openssl >/dev/null && command -v promtool >/dev/null && \
-	  command -v redis-server >/dev/null || (apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl prometheus redis-server)
+	@missing=""; for program in $(TEST_PROGRAMS); do \
+	  command -v $$program >/dev/null || missing="$$missing $$program"; done; \
+	  if [ -n "$$missing" ]; then echo "installing what the tests need:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEST_PACKAGES); fi
 	$(BIN)/python -m pytest -q
 
 # wrk is the load generator (C, event-driven: the client is never the bottleneck);

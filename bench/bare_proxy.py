@@ -16,7 +16,7 @@ import uvloop
 from aiohttp import web
 from yarl import URL
 
-from proxy.http1 import Pool
+from proxy.upstream import Pool
 
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 POOL = web.AppKey("pool", Pool)

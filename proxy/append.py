@@ -29,7 +29,6 @@ from proxy.appkeys import (
 from proxy.batches import Batch, Result, collect, make_batches, run_batches
 from proxy.config import mask_key
 from proxy.forwarding import build_upstream_url, read_body
-from proxy.http1 import Response
 from proxy.idempotency import (
     OUTCOME_UNKNOWN,
     JournalRun,
@@ -44,7 +43,7 @@ from proxy.nxlink import APPEND_ACTION, APPEND_PATH, SUCCESS_CODES
 from proxy.ratelimit_headers import learn_quotas
 from proxy.state.base import Claim, ClaimStatus, JournalEntry
 from proxy.tenants import Credentials
-from proxy.upstream import UpstreamClient, UpstreamRequest, json_headers
+from proxy.upstream import Response, UpstreamClient, UpstreamRequest, json_headers
 
 logger = logging.getLogger(__name__)
 
@@ -276,10 +275,16 @@ async def _journaled(request: web.Request, job: AppendJob, run: JournalRun, clai
 async def shielded(app: web.Application, work: Coroutine[Any, Any, bytes]) -> bytes:
     """``work`` in a task of its own: a client that goes away does not cut a run mid-batch."""
     task = asyncio.create_task(work)
-    runs = app[APPEND_RUNS]
+    runs = app[APPEND_RUNS]  # the loop keeps only a weak reference to a task
     runs.add(task)
-    task.add_done_callback(runs.discard)
+    task.add_done_callback(lambda done: _forget(runs, done))
     return await asyncio.shield(task)
+
+
+def _forget(runs: set[asyncio.Task[bytes]], task: asyncio.Task[bytes]) -> None:
+    runs.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: a failure the gone client can no longer see
 
 
 def _json_answer(body: bytes, *, replayed: bool = False) -> web.Response:

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import logging
-import secrets
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,21 +13,29 @@ from typing import Final
 
 from proxy import __version__
 from proxy.config import ConfigError, Secret, Settings, mask_key
-from proxy.environment import process_environ
+from proxy.environment import process_environ, read_environment
 from proxy.limits import TenantPolicy
 from proxy.nxlink import now_ms
 from proxy.serve import load_config, run_gateway, run_sandbox
 from proxy.signing import sign_headers, string_to_sign
 from proxy.state import REACHABLE, state_report
-from proxy.tenants import Credentials, Registry, Tenant, hash_key
+from proxy.tenants import (
+    Credentials,
+    Registry,
+    Tenant,
+    accounts_of,
+    generate_key,
+    hash_key,
+)
+from proxy.typos import placeholder_problems, refuse_placeholders, unknown_variables
 from proxy.usage import MAX_DAYS, parse_days, read_reports, report_lines
 
 logger = logging.getLogger(__name__)
 
 NO_TENANTS: Final = (
     "no tenant is configured: set EXTERNAL_API_KEY_1 and EXTERNAL_API_KEY_1_OPENAPI_* (or a "
-    "TENANTS_FILE), see config/.env.example; or run 'python -m proxy serve --demo' to try the "
-    "gateway against the bundled sandbox"
+    "TENANTS_FILE), see config/.env.example; or run 'make run' (.venv/bin/nxlink-proxy serve "
+    "--demo) to try the gateway against the bundled sandbox"
 )
 
 
@@ -60,6 +67,12 @@ def _add_serve(serve: argparse.ArgumentParser) -> None:
         "--demo",
         action="store_true",
         help="with no tenant configured, serve the two demo tenants against an in-process sandbox",
+    )
+    serve.add_argument(
+        "--sandbox",
+        action="store_true",
+        help="serve the configured tenants, each against an in-process sandbox that accepts "
+        "their credentials (an integration dry run: nothing is sent to nxlink)",
     )
 
 
@@ -132,6 +145,8 @@ def cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     settings, registry = _load(args, environ)
     if len(registry) == 0 and not args.demo:
         raise ConfigError([NO_TENANTS])
+    if not args.sandbox:
+        refuse_placeholders(registry.placeholders)
     if args.demo and len(registry) > 0:
         print("tenants are configured, so --demo is ignored", file=sys.stderr)
     return run_gateway(
@@ -139,6 +154,7 @@ def cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         registry,
         source=(dict(environ), _overrides(args)),
         demo=args.demo and len(registry) == 0,
+        sandbox=args.sandbox and len(registry) > 0,
     )
 
 
@@ -147,6 +163,10 @@ def cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     settings, registry = _load(args, environ)
     if len(registry) == 0:
         raise ConfigError([NO_TENANTS])
+    slips = unknown_variables(read_environment(environ, _overrides(args)))
+    slips += placeholder_problems(registry.placeholders)
+    if slips:
+        raise ConfigError(slips)
     print(f"{len(registry)} tenant(s) configured; settings OK")
     print(describe_check_state(settings))
     for tenant in registry.tenants:
@@ -232,14 +252,13 @@ def _sign_credentials(args: argparse.Namespace, environ: Mapping[str, str]) -> C
 def cmd_sandbox(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """Run the nxlink emulator with the configured tenants' accounts (demo ones if none)."""
     _, registry = _load(args, environ)
-    accounts = [t.credentials for t in registry.tenants if t.credentials is not None]
-    run_sandbox(args.host, args.port, accounts)
+    run_sandbox(args.host, args.port, accounts_of(registry))
     return 0
 
 
 def cmd_keygen(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """Print a new random key and the ``sha256:`` hash to configure instead of it."""
-    key = "nxk_" + secrets.token_urlsafe(32)
+    key = generate_key()
     print(json.dumps({"apiKey": key, "apiKeyHash": "sha256:" + hash_key(key).hex()}, indent=2))
     return 0
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar
 
+from aiohttp import web
+
 
 class GatewayError(Exception):
     """A failure the gateway answers with ``{"code", "message", "error", ...}``."""
@@ -62,6 +64,16 @@ class GatewayError(Exception):
         """The envelope encoded as UTF-8 JSON (non-ASCII kept readable)."""
         # A wrong key echoed masked may hold undecodable header bytes: keep them as escapes.
         return json.dumps(self.envelope(), ensure_ascii=False).encode("utf-8", "backslashreplace")
+
+    def response(self) -> web.Response:
+        """The envelope as a JSON response with this error's status and headers."""
+        return web.Response(
+            body=self.body(),
+            status=self.status,
+            content_type="application/json",
+            charset="utf-8",
+            headers=self.headers(),
+        )
 
 
 class AuthError(GatewayError):

@@ -25,9 +25,8 @@ from proxy.appkeys import (
     current_tenant,
 )
 from proxy.errors import NotFound, PayloadTooLarge, RequestError
-from proxy.http1 import Response
 from proxy.nxlink import KNOWN_ACTIONS
-from proxy.upstream import LARGE_BODY, StreamFactory, UpstreamRequest
+from proxy.upstream import LARGE_BODY, Response, StreamFactory, UpstreamRequest
 
 logger = logging.getLogger(__name__)
 
@@ -253,10 +252,11 @@ async def handle_forward(request: web.Request) -> web.StreamResponse:
     tenant = current_tenant(request)
     credentials = credentials_of(tenant)
     settings = app[SETTINGS]
-    action = ctx.action = resolve_action(request.headers, request.path, app[ACTIONS])
+    # The path first: one that tries to leave the base URL is INVALID_PATH, whatever its action.
     url = build_upstream_url(
         tenant.base_url, request.raw_path.partition("?")[0], request.rel_url.raw_query_string
     )
+    action = ctx.action = resolve_action(request.headers, request.path, app[ACTIONS])
     streamed = is_multipart(request)
     headers = filter_request_headers(request.headers, streamed=streamed)
     headers.append(("X-Request-Id", ctx.request_id))
@@ -308,8 +308,17 @@ async def stream_back(request: web.Request, answer: Response, timing: str) -> we
             await response.write(chunk)
             sent += len(chunk)
     except ConnectionError as exc:
-        # Headers are gone already: no envelope is possible, so drop the connection.
-        logger.warning("response stream cut after %d bytes: %s", sent, exc.__class__.__name__)
-        raise
+        # Headers are gone already: no envelope is possible, so the connection is dropped.
+        # One line, not aiohttp's traceback: a hostile upstream must not flood the logs.
+        logger.warning("response stream cut after %d bytes: %s", sent, exc)
+        drop_connection(request)
+        return response
     await response.write_eof()
     return response
+
+
+def drop_connection(request: web.Request) -> None:
+    """Close the client's connection mid-answer: it sees a cut, never a clean end (aiohttp's
+    closing ``write_eof`` then fails quietly)."""
+    if request.transport is not None:
+        request.transport.close()

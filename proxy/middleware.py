@@ -126,13 +126,7 @@ def render_error(exc: GatewayError) -> web.Response:
     """The envelope response for ``exc``; server-side failures are logged."""
     if exc.status >= 500:
         logger.warning("request failed: %s %s", exc.code, exc.message)
-    return web.Response(
-        body=exc.body(),
-        status=exc.status,
-        content_type="application/json",
-        charset="utf-8",
-        headers=exc.headers(),
-    )
+    return exc.response()
 
 
 def presented_key(request: web.Request) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import multiprocessing
@@ -18,21 +19,35 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from proxy.admin import AdminContext, TenantsFile, create_admin_app
 from proxy.app import create_app
-from proxy.appkeys import RELOADER, STATE
-from proxy.config import ConfigError, Settings, parse_settings
+from proxy.appkeys import RELOADER, STATE, UPSTREAM
+from proxy.config import ConfigError, Settings, mask_key, parse_settings
 from proxy.environment import read_environment, secret_files
 from proxy.logs import AccessLogger, setup_logging
 from proxy.reload import Loader
 from proxy.sandbox import create_sandbox_app
-from proxy.state import REACHABLE, state_report
-from proxy.tenants import DEMO_TENANTS, Credentials, Registry, demo_registry, load_registry
+from proxy.state import REACHABLE, open_state, state_report
+from proxy.tenants import (
+    DEMO_TENANTS,
+    Credentials,
+    Registry,
+    accounts_of,
+    demo_registry,
+    load_registry,
+    pointed_at,
+)
 from proxy.tls import CertificatePair, served_context, server_context
+from proxy.typos import refuse_placeholders, unknown_variables
 
 logger = logging.getLogger(__name__)
 
 ConfigSource = tuple[Mapping[str, str], Mapping[str, str]]
 LOOPBACK: Final = "127.0.0.1"
+LISTEN_ERRORS: Final = {
+    errno.EADDRINUSE: "the address is already in use (another process listens there)",
+    errno.EACCES: "permission denied (ports below 1024 need privileges)",
+}
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:
@@ -76,24 +91,38 @@ def config_loader(source: ConfigSource) -> Loader:
         _settings, registry = load_config(*source)
         if len(registry) == 0:
             raise ConfigError(["the new configuration has no tenant; refusing to drop them all"])
+        refuse_placeholders(registry.placeholders)
         return registry
 
     return load
 
 
-def run_gateway(settings: Settings, registry: Registry, *, source: ConfigSource, demo: bool) -> int:
-    """Serve until SIGTERM/SIGINT, then drain for up to ``SHUTDOWN_GRACE`` seconds."""
+def run_gateway(
+    settings: Settings,
+    registry: Registry,
+    *,
+    source: ConfigSource,
+    demo: bool,
+    sandbox: bool = False,
+) -> int:
+    """Serve until SIGTERM/SIGINT, then drain for up to ``SHUTDOWN_GRACE`` seconds.
+
+    ``demo``: the demo tenants, ``sandbox``: the configured ones, against an in-process sandbox
+    (no reload there: a reloaded tenant would go to its real base URL)."""
     pair = CertificatePair.of(settings)
     if pair is not None:  # bad PEM: one clear line before any worker starts (each loads its own)
         server_context(pair)
     setup_logging(settings.log_level)
-    reloadable = None if demo else source
-    if settings.workers > 1 and not demo:
+    for slip in unknown_variables(read_environment(*source)):
+        logger.warning("%s", slip)
+    emulated = demo or sandbox
+    reloadable = None if emulated else source
+    if settings.workers > 1 and not emulated:
         return _supervise(settings, registry, reloadable)
     if settings.workers > 1:
-        logger.warning("demo mode runs one worker: the sandbox keeps its state in memory")
+        logger.warning("demo and sandbox modes run one worker: the sandbox keeps state in memory")
     run(_announce_state(settings.state_url))
-    run(_serve(settings, registry, demo=demo, source=reloadable))
+    run(_serve(settings, registry, demo=demo, sandbox=sandbox, source=reloadable))
     return 0
 
 
@@ -162,7 +191,11 @@ def _exit_status(code: int | None) -> int:
 
 
 def _worker(settings: Settings, registry: Registry, source: ConfigSource | None) -> None:
-    run(_serve(settings, registry, demo=False, source=source, reuse_port=True))
+    try:
+        run(_serve(settings, registry, demo=False, source=source, reuse_port=True))
+    except ConfigError as exc:  # a forked worker has no CLI around it: one line, exit 1
+        print("\n".join(exc.problems), file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 def run_sandbox(host: str, port: int, accounts: Iterable[Credentials]) -> None:
@@ -181,17 +214,34 @@ async def start_site(
     ssl_context: ssl.SSLContext | None = None,
 ) -> web.AppRunner:
     """Set up ``app`` and listen on ``host:port`` (HTTPS with ``ssl_context``)."""
+    # handler_cancellation: a client that goes away cancels its handler, which closes its
+    # upstream exchange and frees the connection slot at once (not at the next write).
     runner = web.AppRunner(
-        app, access_log_class=AccessLogger, handle_signals=False, shutdown_timeout=grace
+        app,
+        access_log_class=AccessLogger,
+        handle_signals=False,
+        shutdown_timeout=grace,
+        handler_cancellation=True,
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, ssl_context=ssl_context)
     try:
         await site.start()
-    except BaseException:  # e.g. the port is taken: close what setup opened, then fail
+    except BaseException as exc:  # e.g. the port is taken: close what setup opened, then fail
         await runner.cleanup()
+        if isinstance(exc, OSError) and exc.errno in LISTEN_ERRORS:
+            raise ConfigError([listen_problem(host, port, exc.errno)]) from None
         raise
     return runner
+
+
+def listen_problem(host: str, port: int, code: int) -> str:
+    """One line for a port that cannot be had: which one, why, and how to choose another."""
+    other = port + 1 if port < 65535 else port - 1
+    return (
+        f"cannot listen on {host}:{port}: {LISTEN_ERRORS[code]}; stop what holds it, or choose "
+        f"another port with PORT={other} or --port {other}"
+    )
 
 
 def bound_port(runner: web.AppRunner) -> int:
@@ -214,13 +264,18 @@ async def _serve(
     demo: bool,
     source: ConfigSource | None,
     reuse_port: bool = False,
+    sandbox: bool = False,
 ) -> None:
     stop = _stop_event()
     async with contextlib.AsyncExitStack() as started:
-        if demo:
-            sandbox = await start_site(create_sandbox_app(_demo_accounts()), LOOPBACK, 0)
-            started.push_async_callback(sandbox.cleanup)
-            registry = demo_registry(f"http://{LOOPBACK}:{bound_port(sandbox)}")
+        if demo or sandbox:
+            accounts = _demo_accounts() if demo else accounts_of(registry)
+            emulator = await start_site(create_sandbox_app(accounts), LOOPBACK, 0)
+            started.push_async_callback(emulator.cleanup)
+            url = f"http://{LOOPBACK}:{bound_port(emulator)}"
+            registry = demo_registry(url) if demo else pointed_at(registry, url)
+            if sandbox:
+                _sandbox_banner(registry, url)
         await _serve_until(
             stop, settings, registry, demo=demo, source=source, reuse_port=reuse_port
         )
@@ -245,6 +300,7 @@ async def _serve_until(
             grace=settings.shutdown_grace,
             ssl_context=ssl_context,
         )
+        admin = await _start_admin(app, settings, source, reuse_port=reuse_port)
         # Start-up objects (modules, app, registry) live for good: keep them out of GC passes.
         gc.freeze()
         port = bound_port(runner)
@@ -263,6 +319,8 @@ async def _serve_until(
             _demo_banner(settings.host, port, https)
         await stop.wait()
         await _shut_down(stop, app, runner, settings)
+        if admin is not None:
+            await admin.cleanup()
 
 
 def _gateway_app(
@@ -293,15 +351,52 @@ async def _shut_down(
     await runner.cleanup()
 
 
+async def _start_admin(
+    app: web.Application, settings: Settings, source: ConfigSource | None, *, reuse_port: bool
+) -> web.AppRunner | None:
+    """The admin listener (when ADMIN_PORT is set), sharing the gateway's live registry and
+    upstream client."""
+    if settings.admin_port is None:
+        return None
+    validate = None if source is None else tenants_validator(settings, source)
+    state = open_state(settings.state_url)
+    context = AdminContext(
+        settings,
+        app[STATE],
+        state,
+        lambda: app[UPSTREAM],
+        TenantsFile(settings.tenants_file, validate),
+    )
+    admin_app = create_admin_app(context)
+    admin_app.on_cleanup.append(lambda _app: state.close())
+    runner = await start_site(
+        admin_app, settings.admin_host, settings.admin_port, reuse_port=reuse_port
+    )
+    logger.info("admin listening", extra={"host": settings.admin_host, "port": bound_port(runner)})
+    return runner
+
+
+def tenants_validator(settings: Settings, source: ConfigSource) -> Callable[[Any], Registry]:
+    """Checks a tenants document as start-up would, with the environment as it is now."""
+
+    def validate(document: Any) -> Registry:
+        return load_registry(read_environment(*source), settings, document=document)
+
+    return validate
+
+
 async def _serve_sandbox(host: str, port: int, accounts: list[Credentials]) -> None:
     stop = _stop_event()
-    runner = await start_site(create_sandbox_app(accounts or _demo_accounts()), host, port)
+    accounts = accounts or _demo_accounts()
+    runner = await start_site(create_sandbox_app(accounts), host, port)
     logger.info(
         "sandbox listening",
         extra={
             "host": host,
             "port": bound_port(runner),
-            "accounts": len(accounts) or len(DEMO_TENANTS),
+            "accounts": len(accounts),
+            # Masked: enough to see whether the gateway's tenants and this sandbox agree.
+            "access_keys": [f"{mask_key(a.access_key)} (bizType {a.biz_type})" for a in accounts],
         },
     )
     await stop.wait()
@@ -309,7 +404,24 @@ async def _serve_sandbox(host: str, port: int, accounts: list[Credentials]) -> N
 
 
 def _demo_accounts() -> list[Credentials]:
-    return [t.credentials for t in demo_registry("http://demo").tenants if t.credentials]
+    return accounts_of(demo_registry("http://demo"))
+
+
+def _sandbox_banner(registry: Registry, url: str) -> None:
+    lines = [
+        "=" * 72,
+        f"SANDBOX MODE: the {len(registry)} configured tenant(s) are served against the bundled",
+        f"nxlink sandbox at {url} (an in-memory emulator): nothing is sent to nxlink.",
+        "",
+        *(
+            f"  {t.alias}: accessKey {mask_key(t.credentials.access_key) if t.credentials else '-'}"
+            for t in registry.tenants
+        ),
+        "",
+        "Drop --sandbox to send the same tenants' calls to their real base URLs.",
+        "=" * 72,
+    ]
+    print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def _demo_banner(host: str, port: int, https: bool = False) -> None:

@@ -44,6 +44,7 @@ ENTRY_FIELDS: Final = frozenset(
     | {"rateLimitRps", "rateLimitBurst", "maxInflight", "appendBatchSize"}
 )
 OPENAPI_FIELDS: Final = frozenset(GLOBAL_FALLBACKS)
+NO_DOCUMENT: Final = object()  # the tenants file could not be read or parsed
 
 
 @dataclass(slots=True)
@@ -128,24 +129,36 @@ def _env_number(text: str) -> object:
     return text
 
 
-def entries_from_file(path: Path, problems: list[str]) -> Iterable[Entry]:
-    """One entry per object of the tenants file (a list, or ``{"keys": [...]}``)."""
+def read_document(path: Path, problems: list[str]) -> Any:
+    """The tenants file's parsed JSON, or ``NO_DOCUMENT`` (a problem said why)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         problems.append(
             f"TENANTS_FILE={path}: cannot read the file ({exc.__class__.__name__}); "
             "check the path and its permissions"
         )
-        return
     except json.JSONDecodeError as exc:
         problems.append(
             f"TENANTS_FILE={path}: invalid JSON at line {exc.lineno} column "
             f"{exc.colno} ({exc.msg}); fix the syntax"
         )
-        return
+    return NO_DOCUMENT
+
+
+def document_items(data: Any) -> list[Any] | None:
+    """The tenant list of a tenants document (a list, or ``{"keys": [...]}``); None otherwise."""
     items = data.get("keys") if isinstance(data, dict) else data
-    if not isinstance(items, list):
+    return items if isinstance(items, list) else None
+
+
+def entries_from_document(data: Any, path: Path, problems: list[str]) -> Iterable[Entry]:
+    """One entry per object of a tenants document, read from ``path`` or about to be written
+    there (the admin API validates a write before making it)."""
+    if data is NO_DOCUMENT:
+        return
+    items = document_items(data)
+    if items is None:
         problems.append(f'TENANTS_FILE={path}: expected a list of tenants or {{"keys": [...]}}')
         return
     for index, item in enumerate(items, 1):

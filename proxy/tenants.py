@@ -5,15 +5,24 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from proxy.config import ConfigError, Quotas, Secret, Settings, mask_key
 from proxy.nxlink import ALGORITHMS, DEFAULT_BASE_URL, DEFAULT_BIZ_TYPE
 from proxy.settings_table import QUOTA_FIELDS
-from proxy.tenant_sources import GLOBAL_FALLBACKS, Entry, entries_from_env, entries_from_file
+from proxy.tenant_sources import (
+    GLOBAL_FALLBACKS,
+    NO_DOCUMENT,
+    Entry,
+    entries_from_document,
+    entries_from_env,
+    read_document,
+)
+from proxy.typos import placeholders
 from proxy.urls import is_http_url
 
 HASH_PREFIX: Final = "sha256:"
@@ -96,9 +105,16 @@ class Match:
 class Registry:
     """The configured tenants, looked up by the SHA-256 of the presented key."""
 
-    def __init__(self, tenants: Sequence[Tenant], warnings: Sequence[str] = ()):
+    def __init__(
+        self,
+        tenants: Sequence[Tenant],
+        warnings: Sequence[str] = (),
+        placeholders: Sequence[str] = (),
+    ):
         self.tenants: tuple[Tenant, ...] = tuple(tenants)
         self.warnings: tuple[str, ...] = tuple(warnings)
+        # Where a value is still an example's placeholder (fine against the sandbox only).
+        self.placeholders: tuple[str, ...] = tuple(placeholders)
         self._by_digest = {key.digest: Match(t, key) for t in self.tenants for key in t.keys}
 
     def lookup(self, presented: str) -> Match | None:
@@ -112,23 +128,36 @@ class Registry:
         return len(self.tenants)
 
 
+def generate_key() -> str:
+    """A new random client key (``keygen`` and the admin API make them alike)."""
+    return "nxk_" + secrets.token_urlsafe(32)
+
+
 def hash_key(key: str) -> bytes:
     """SHA-256 digest of a client key."""
     # A header may carry undecodable bytes (surrogate escapes): hash them, never raise.
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
 
 
-def load_registry(env: Mapping[str, str], settings: Settings) -> Registry:
-    """Every tenant from the environment and the tenants file; one ``ConfigError`` for all."""
+def load_registry(
+    env: Mapping[str, str], settings: Settings, *, document: Any = NO_DOCUMENT
+) -> Registry:
+    """Every tenant from the environment and the tenants file; one ``ConfigError`` for all.
+
+    ``document``: the tenants file's content as parsed JSON, checked instead of the file's
+    (the admin API validates a write with the very checks start-up makes)."""
     problems: list[str] = []
     entries = list(entries_from_env(env, problems))
-    if settings.tenants_file is not None:
-        entries += entries_from_file(settings.tenants_file, problems)
+    path = settings.tenants_file
+    if path is not None:
+        if document is NO_DOCUMENT:
+            document = read_document(path, problems)
+        entries += entries_from_document(document, path, problems)
     tenants = [t for t in (_build_tenant(e, env, problems) for e in entries) if t is not None]
     _check_duplicates(tenants, problems)
     if problems:
         raise ConfigError(problems)
-    return Registry(tenants, _warnings(tenants))
+    return Registry(tenants, _warnings(tenants), placeholders(entries, env))
 
 
 def _build_tenant(entry: Entry, env: Mapping[str, str], problems: list[str]) -> Tenant | None:
@@ -206,13 +235,13 @@ def _parse_keys(entry: Entry, problems: list[str]) -> tuple[ApiKey, ...]:
     keys = []
     for item in raw:
         try:
-            keys.append(_parse_key(item))
+            keys.append(parse_key(item))
         except ValueError as exc:
             problems.append(f"{entry.place}: {exc}")
     return tuple(keys)
 
 
-def _parse_key(item: Any) -> ApiKey:
+def parse_key(item: Any) -> ApiKey:
     """One key from ``"plain"``, ``"sha256:<hex>"`` or an object with key/hash and ``notAfter``."""
     if isinstance(item, str):
         item = {"apiKeyHash" if item.startswith(HASH_PREFIX) else "apiKey": item}
@@ -234,7 +263,7 @@ def _parse_key(item: Any) -> ApiKey:
         return ApiKey(bytes.fromhex(hex_digest), f"sha256:{hex_digest[:8]}***", not_after)
     raise ValueError(
         'apiKey must be a non-empty string, or apiKeyHash "sha256:" + 64 hex '
-        "digits (make one with: python -m proxy keygen)"
+        "digits (make one with: .venv/bin/nxlink-proxy keygen)"
     )
 
 
@@ -346,6 +375,17 @@ DEMO_TENANTS: Final = (
     ("电商平台A", "电商平台A的API密钥", "ecommerce-platform-key-abc123", "demo-ecommerce-ak"),
     ("金融平台B", "金融平台B的API密钥", "finance-platform-key-xyz789", "demo-finance-ak"),
 )
+
+
+def accounts_of(registry: Registry) -> list[Credentials]:
+    """The nxlink accounts of the tenants that have one (what a sandbox must accept)."""
+    return [t.credentials for t in registry.tenants if t.credentials is not None]
+
+
+def pointed_at(registry: Registry, base_url: str) -> Registry:
+    """The same tenants and warnings, every one of them sent to ``base_url`` (a sandbox)."""
+    tenants = [replace(t, base_url=base_url) for t in registry.tenants]
+    return Registry(tenants, registry.warnings, registry.placeholders)
 
 
 def demo_registry(base_url: str) -> Registry:

@@ -226,6 +226,24 @@ def test_build_context_admits_every_copied_file_and_no_local_secrets() -> None:
         assert not dockerignore_admits(patterns, name), f"{name} would enter the build context"
 
 
+def pip_installs(stages: list[list[Instruction]]) -> list[str]:
+    """Every ``pip install`` of the Dockerfile's RUN lines (one per ``&&``-joined command)."""
+    commands = [
+        c.strip() for s in stages for i in s if i.keyword == "RUN" for c in i.args.split("&&")
+    ]
+    return [c for c in commands if re.search(r"\bpip install\b", c)]
+
+
+def test_image_installs_the_versions_the_tests_passed_with() -> None:
+    builder = dockerfile_stages()[0]
+    copied = [i.args.split()[:-1] for i in builder if i.keyword == "COPY"]
+    assert any("constraints.txt" in sources for sources in copied), "COPY constraints.txt"
+    installs = pip_installs(dockerfile_stages())
+    assert installs
+    for command in installs:
+        assert re.search(r"(-c|--constraint)[ =]constraints\.txt\b", command), command
+
+
 def free_port() -> int:
     """A loopback port nobody listens on right now."""
     with socket.socket() as sock:

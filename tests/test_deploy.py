@@ -16,16 +16,19 @@ from aiohttp.test_utils import TestClient
 
 from proxy import __version__
 from proxy.app import create_app
-from proxy.config import Settings, parse_settings
+from proxy.config import ConfigError, Settings, parse_settings
 from proxy.environment import FILE_CAPABLE, FILE_SUFFIX, read_environment
 from proxy.settings_table import DEFAULTS
 from proxy.tenant_sources import ENV_KEY, ENV_SUFFIXES_ALL, GLOBAL_FALLBACKS
 from proxy.tenants import Registry, load_registry
+from proxy.typos import refuse_placeholders
 from tests.test_container import DOCKERFILE, REPO, final_stage, only
+from tests.test_docs_commands import commands, readme_commands
 
 DEPLOY: Final = REPO / "deploy"
 COMPOSE: Final = DEPLOY / "docker-compose.yml"
 KUBERNETES: Final = DEPLOY / "kubernetes.yaml"
+KUBERNETES_SECRET: Final = DEPLOY / "kubernetes-secret.example.yaml"
 IMAGE_NAME: Final = "nxlink-openapi-proxy"
 COMPOSE_SECRETS_DIR: Final = "/run/secrets"
 LOOPBACK: Final = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -131,9 +134,9 @@ def duration_seconds(text: str) -> float:
     return sum(float(n) * scale[u] for n, u in parts)
 
 
-def kubernetes_documents() -> list[Node]:
-    """deploy/kubernetes.yaml, every document."""
-    docs = [d for d in yaml.safe_load_all(KUBERNETES.read_text(encoding="utf-8")) if d]
+def kubernetes_documents(path: Path = KUBERNETES) -> list[Node]:
+    """deploy/kubernetes.yaml (or another manifest), every document."""
+    docs = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d]
     assert all(isinstance(d, dict) for d in docs)
     return docs
 
@@ -159,7 +162,8 @@ def image_repository(image: str) -> str:
 
 def kubernetes_secret_files(pod: Node, gateway: Node) -> dict[str, str]:
     """Every file the gateway sees from a mounted Secret defined in the manifest."""
-    secrets = {d["metadata"]["name"]: d for d in kubernetes_documents() if d["kind"] == "Secret"}
+    example = kubernetes_documents(KUBERNETES_SECRET)
+    secrets = {d["metadata"]["name"]: d for d in example if d["kind"] == "Secret"}
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     files = {}
     for mount in gateway.get("volumeMounts", []):
@@ -345,3 +349,44 @@ def test_kubernetes_gateway_requests_modest_resources_under_its_limit() -> None:
     assert re.fullmatch(r"\d+m", resources["requests"]["cpu"])
     request = memory_bytes(resources["requests"]["memory"])
     assert request <= memory_bytes(resources["limits"]["memory"])
+
+
+def test_kubernetes_manifest_applies_as_it_is_without_a_secret() -> None:
+    # kubectl apply would overwrite the real Secret with whatever this file holds.
+    kinds = [d["kind"] for d in kubernetes_documents()]
+    assert "Secret" not in kinds
+    assert sorted(kinds) == ["Deployment", "Service", "StatefulSet"]  # the app, its Redis
+
+
+def kubectl_secret_commands() -> list[list[str]]:
+    """Every ``kubectl create secret`` the README and the two Kubernetes files show."""
+    found = [argv for argv in readme_commands() if argv[:3] == ["kubectl", "create", "secret"]]
+    for path in (KUBERNETES, KUBERNETES_SECRET):
+        comments = [line[1:] for line in path.read_text(encoding="utf-8").splitlines()]
+        found += [
+            argv
+            for argv in commands([c for c in comments if c.startswith("   ")])
+            if argv[:3] == ["kubectl", "create", "secret"]
+        ]
+    return found
+
+
+def test_documented_kubectl_command_creates_the_secret_the_pod_mounts() -> None:
+    pod = kubernetes_pod()
+    [example] = kubernetes_documents(KUBERNETES_SECRET)
+    mounted = {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert mounted == {example["metadata"]["name"]}
+    shown = kubectl_secret_commands()
+    assert len(shown) == 3, "README, manifest and example each show the command"
+    for argv in shown:
+        assert argv[3:5] == ["generic", example["metadata"]["name"]]
+        keys = {a.split("=", 2)[1] for a in argv if a.startswith("--from-file=")}
+        assert keys == set(example["stringData"]), argv
+
+
+def test_the_example_secret_is_refused_until_its_placeholders_are_replaced(
+    tmp_path: Path,
+) -> None:
+    _settings, registry = load_gateway(kubernetes_deployment(), tmp_path)
+    with pytest.raises(ConfigError, match="placeholder"):
+        refuse_placeholders(registry.placeholders)

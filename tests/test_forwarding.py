@@ -560,6 +560,27 @@ async def test_path_that_could_escape_the_base_url_is_refused(
     assert upstream.received == []
 
 
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/openapi//aiagent/task/list",
+        "/openapi/../api/openapi/keys",
+        "/openapi/%2e%2e/api/openapi/keys",
+        "/openapi/aiagent/./task/list",
+        "/openapi/aiagent%2ftask/list",
+    ],
+)
+async def test_an_escaping_path_is_invalid_path_before_any_action_lookup(
+    gateway: Client, upstream: Upstream, target: str
+) -> None:
+    # No action header: the path's check must come first, not "send the nxlink action name".
+    answer = await raw_exchange(
+        gateway, f"POST {target} HTTP/1.1\r\nHost: gw\r\nx-api-key: {KEY_A}"
+    )
+    assert (answer.status, answer.json()["error"]) == (400, "INVALID_PATH"), answer
+    assert upstream.received == []
+
+
 PREFIXED_BASE: Final = "http://nxlink.test:8080/prefix"
 
 

@@ -26,7 +26,17 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
-from proxy.http1 import HIGH_WATER, ConnectFailed, Pool, ResponseBroken
+from proxy.errors import UpstreamUnavailable
+from proxy.upstream import (
+    HIGH_WATER,
+    ConnectFailed,
+    Pool,
+    ResponseBroken,
+    UpstreamClient,
+    UpstreamRequest,
+)
+from proxy.upstream.faults import TLSFailed
+from tests.conftest import CREDS_A
 
 LIMIT: Final = 3.0  # seconds any one test may spend waiting on the network
 SERVER_LIFETIME: Final = 10.0  # a raw server connection never outlives this
@@ -726,6 +736,30 @@ class FakeClock:
         return self.now
 
 
+async def test_idle_connections_are_closed_by_a_timer_without_another_request(
+    make_pool: MakePool, raw_server: StartRaw
+) -> None:
+    pool = make_pool(keepalive=0.05)
+    server = await raw_server(answer(OK))
+    async with asyncio.timeout(LIMIT):
+        assert await call(pool, "GET", server.url("/1")) == (200, b"ok")
+        await eventually(lambda: server.closed_by_client == [0])
+
+
+async def test_connections_are_kept_per_tenant_and_per_case_insensitive_host(
+    pool: Pool, raw_server: StartRaw
+) -> None:
+    server = await raw_server(answer(OK))
+    upper = URL(f"http://LOCALHOST:{server.port}/")
+    lower = URL(f"http://localhost:{server.port}/")
+    async with asyncio.timeout(LIMIT):
+        for url, tenant in ((upper, "a"), (lower, "a"), (lower, "b"), (upper, "b")):
+            response = await pool.request("GET", url, [], tenant=tenant)
+            assert await response.read() == b"ok"
+            response.release()
+    assert [r.connection for r in server.requests] == [0, 0, 1, 1]
+
+
 async def test_idle_connection_older_than_keepalive_is_not_reused(
     make_pool: MakePool, raw_server: StartRaw
 ) -> None:
@@ -934,12 +968,23 @@ async def test_tls_with_the_default_context_rejects_the_self_signed_certificate(
 ) -> None:
     pool = make_pool()
     async with asyncio.timeout(LIMIT):
-        with pytest.raises(ConnectFailed) as caught:
+        with pytest.raises(TLSFailed) as caught:  # not ConnectFailed: never retried
             await pool.request("GET", tls_server, [])
     assert isinstance(caught.value.__cause__, ssl.SSLCertVerificationError)
 
 
-# Regressions: three bugs the first version of proxy/http1.py had.
+async def test_a_certificate_error_is_not_retried_as_a_connect_failure(
+    make_pool: MakePool, tls_server: URL, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = UpstreamClient(make_pool(), timeout=LIMIT)
+    request = UpstreamRequest("GET", tls_server, [], "test.call", CREDS_A)
+    async with asyncio.timeout(LIMIT):
+        with pytest.raises(UpstreamUnavailable, match="TLSFailed"):
+            await client.send(request)
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]
+
+
+# Regressions: three bugs the first version of the upstream client had.
 
 
 async def test_header_value_mentioning_chunked_does_not_change_upload_framing(
@@ -1137,7 +1182,7 @@ async def test_oversized_answer_heads_are_refused(
 ) -> None:
     server = await raw_server(answer(head))
     async with asyncio.timeout(LIMIT):
-        with pytest.raises(ResponseBroken, match="exceed the limits"):
+        with pytest.raises(ResponseBroken, match="refused|over 8192 bytes"):
             await pool.request("GET", server.url(), [])
 
 

@@ -70,6 +70,17 @@ def test_every_dependency_has_an_upper_bound() -> None:
     assert not unbounded, f"add an upper bound (next major) to {unbounded}"
 
 
+def test_license_is_an_spdx_expression_the_build_backend_takes_without_warning() -> None:
+    toml = pyproject()
+    # A {text = ...} table is deprecated (setuptools warns on every build, three times per
+    # make install); the SPDX string needs setuptools 77 or later (PEP 639).
+    assert toml["project"]["license"] == "MIT"
+    [backend] = [r for r in toml["build-system"]["requires"] if r.startswith("setuptools")]
+    lowest = re.search(r">=\s*(\d+)", backend)
+    assert lowest and int(lowest.group(1)) >= 77, backend
+    assert not [c for c in toml["project"].get("classifiers", []) if c.startswith("License ::")]
+
+
 def run(argv: list[str | Path], cwd: Path, timeout: float) -> str:
     """Run a command to completion and return its stdout; fail with its output otherwise."""
     result = subprocess.run(
@@ -82,6 +93,7 @@ def run(argv: list[str | Path], cwd: Path, timeout: float) -> str:
         env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")},
     )
     assert result.returncode == 0, f"{argv}: exit {result.returncode}\n{result.stderr}"
+    assert "SetuptoolsDeprecationWarning" not in result.stderr, result.stderr
     return result.stdout
 
 
@@ -99,3 +111,7 @@ def test_clean_install_provides_a_working_nxlink_proxy(tmp_path: Path) -> None:
     assert run([script, "--version"], tmp_path, 60).strip() == f"nxlink-proxy {__version__}"
     pair = json.loads(run([script, "keygen"], tmp_path, 60))
     assert pair["apiKeyHash"] == "sha256:" + hashlib.sha256(pair["apiKey"].encode()).hexdigest()
+    listing = "from importlib import resources; print(*sorted(p.name for p in " + (
+        "(resources.files('proxy.admin') / 'static').iterdir()))"
+    )
+    assert run([python, "-c", listing], tmp_path, 60).split() == ["app.css", "app.js", "index.html"]

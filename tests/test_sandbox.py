@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -331,3 +332,35 @@ async def test_bad_operation_parameters_are_a_parameter_error(
     answer = await call(path, payload)
     assert answer["code"] == 1002, answer
     assert answer["message"].startswith("Parameter error")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("POST", "/openapi/aiagent/task/create", 404),
+        ("GET", "/", 404),
+        ("DELETE", "/no/such/thing", 404),
+        ("GET", TASK_LIST, 405),
+        ("PUT", APPEND, 405),
+    ],
+)
+async def test_unemulated_paths_and_methods_answer_nxlink_json(
+    sandbox: Client, method: str, path: str, status: int
+) -> None:
+    resp = await sandbox.request(method, path, data=b"{}")
+    assert resp.status == status
+    assert resp.content_type == "application/json"
+    answer = await resp.json()
+    assert set(answer) == {"code", "message", "data", "traceId"}
+    assert answer["code"] == 1002 and answer["data"] is None
+    assert path in answer["message"]
+    if status == 405:
+        assert resp.headers["Allow"] == "POST"
+    else:
+        assert all(p in answer["message"] for p in ACTIONS)
+
+
+async def test_a_body_over_the_sandbox_limit_answers_nxlink_json(sandbox: Client) -> None:
+    resp = await sandbox.post(TASK_LIST, data=io.BytesIO(b"x" * (16 * 1024 * 1024 + 1)))
+    assert resp.status == 413
+    assert (await resp.json())["code"] == 1002

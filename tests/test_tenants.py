@@ -368,7 +368,7 @@ def test_missing_tenants_file_names_the_setting(tmp_path: Path) -> None:
         ({"alias": "nokey"}, "no API key; add apiKey, apiKeyHash or apiKeys"),
         ({"apiKey": ""}, "apiKey must be a non-empty string"),
         ({"apiKey": 12345}, "apiKey must be a non-empty string"),
-        ({"apiKeyHash": "sha256:abc"}, "python -m proxy keygen"),
+        ({"apiKeyHash": "sha256:abc"}, ".venv/bin/nxlink-proxy keygen"),
         ({"apiKeyHash": "md5:" + "0" * 32}, "apiKeyHash"),
         ({"apiKeys": "k1"}, "apiKeys must be a list"),
         ({"apiKeys": [{"apiKey": "k1", "notAfter": "next week"}]}, "notAfter=next week"),

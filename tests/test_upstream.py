@@ -16,16 +16,18 @@ from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable
-from proxy.http1 import ConnectFailed, Pool, ResponseBroken
 from proxy.sandbox import create_sandbox_app
 from proxy.signing import compute_sign
 from proxy.upstream import (
-    MAX_ATTEMPTS,
+    ConnectFailed,
+    Pool,
+    ResponseBroken,
     StreamFactory,
     UpstreamClient,
     UpstreamRequest,
     create_pool,
 )
+from proxy.upstream.client import MAX_ATTEMPTS
 from tests.conftest import CREDS_A, ReceivedRequest, make_settings, recorder
 
 NOW: Final = 1_700_000_000_000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
@@ -165,11 +166,42 @@ OPERATIONS: Final[dict[str, Operation]] = {
 }
 
 
-def nxlink_answer(code: NxlinkCode, data: Any = None, detail: str = "") -> web.Response:
+def nxlink_answer(
+    code: NxlinkCode, data: Any = None, detail: str = "", *, status: int = 200
+) -> web.Response:
     """nxlink's JSON answer shape; business errors still travel as HTTP 200."""
     message = MESSAGES[code] + (f": {detail}" if detail else "")
     body = {"code": int(code), "message": message, "data": data, "traceId": uuid.uuid4().hex}
-    return web.json_response(body, dumps=lambda v: json.dumps(v, ensure_ascii=False))
+    dumps = functools.partial(json.dumps, ensure_ascii=False)
+    return web.json_response(body, status=status, dumps=dumps)
+
+
+def refusal_detail(request: web.Request, exc: web.HTTPException) -> str:
+    """Why aiohttp refused a request, said for an integrator (what the sandbox does accept)."""
+    if exc.status == 404:
+        known = ", ".join(KNOWN_ACTIONS)
+        return f"no such operation {request.path}; the sandbox emulates POST {known}"
+    if exc.status == 405:
+        return f"{request.method} is not allowed on {request.path}; use POST"
+    return exc.reason
+
+
+@web.middleware
+async def nxlink_refusal_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """aiohttp's own refusals (no such path, wrong method, body too large) as nxlink JSON."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        answer = nxlink_answer(
+            NxlinkCode.PARAMETER_ERROR, detail=refusal_detail(request, exc), status=exc.status
+        )
+        if "Allow" in exc.headers:
+            answer.headers["Allow"] = exc.headers["Allow"]
+        return answer
 
 
 def create_sandbox_app(
@@ -205,7 +237,7 @@ def create_sandbox_app(
 
         return handle
 
-    app = web.Application(client_max_size=16 * 1024 * 1024)
+    app = web.Application(client_max_size=16 * 1024 * 1024, middlewares=[nxlink_refusal_middleware])
     for path, action in KNOWN_ACTIONS.items():
         app.router.add_post(path, operation(action), name=action)
     app.router.add_get("/healthz", handle_healthz, name="healthz")

@@ -1,4 +1,4 @@
-"""The upstream client: one connection pool, per-attempt signing, connect retries, error mapping."""
+"""The upstream client: one connection pool, per-attempt signing, retries, error mapping."""
 
 from __future__ import annotations
 
@@ -14,14 +14,19 @@ from yarl import URL
 
 from proxy.config import Settings
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable
-from proxy.http1 import ConnectFailed, Pool, Response
 from proxy.nxlink import now_ms
 from proxy.signing import sign_headers
 from proxy.tenants import Credentials
+from proxy.upstream.faults import ConnectFailed, StaleConnection
+from proxy.upstream.pool import Pool
+from proxy.upstream.response import Response
 
 logger = logging.getLogger(__name__)
 
 MAX_ATTEMPTS: Final = 3
+# Methods that mean the same sent twice: replayed after a kept-alive connection turned out
+# closed by nxlink before any answer (RFC 9110 9.2.2, as aiohttp's client does).
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "PUT", "DELETE"})
 LARGE_BODY: Final = 1024 * 1024
 
 StreamFactory = Callable[[], AsyncIterator[bytes]]
@@ -38,7 +43,7 @@ class UpstreamRequest:
     credentials: Credentials
     body: bytes | None = None
     stream: StreamFactory | None = None
-    tenant: str = ""
+    tenant: str = ""  # the pool key's tenant part: connections are never shared across it
 
 
 def create_pool(settings: Settings) -> Pool:
@@ -46,6 +51,7 @@ def create_pool(settings: Settings) -> Pool:
     return Pool(
         limit=settings.upstream_max_connections,
         connect_timeout=settings.upstream_connect_timeout,
+        read_timeout=settings.upstream_read_timeout,
     )
 
 
@@ -69,32 +75,15 @@ class UpstreamClient:
         """``async with client.open(request) as response``: the response once its headers
         arrived, released on the way out.
 
-        UPSTREAM_TIMEOUT bounds the wait for the headers; a body may then take as long as it
-        needs (an idle stream is not an error)."""
+        UPSTREAM_TIMEOUT bounds the wait for the headers; UPSTREAM_READ_TIMEOUT (the pool's)
+        then bounds the silence between two pieces of the body."""
         return Exchange(self, request)
 
     async def send(self, request: UpstreamRequest) -> Response:
         """The response once its headers arrived; the caller must ``release()`` it."""
         started = time.perf_counter()
         deadline = asyncio.get_running_loop().time() + self.timeout
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            try:
-                response = await self._send_once(request, deadline)
-                break
-            except TimeoutError as exc:
-                message = f"Upstream did not answer within {self.timeout:g}s"
-                raise UpstreamTimeout(message) from exc
-            except ConnectFailed as exc:
-                if attempt == MAX_ATTEMPTS:
-                    message = f"Cannot connect to upstream {request.url.host}"
-                    raise UpstreamUnavailable(message) from exc
-                logger.warning(
-                    "upstream connect failed, retrying",
-                    extra={"host": request.url.host, "attempt": attempt, "reason": str(exc)},
-                )
-            except ConnectionError as exc:
-                message = f"Upstream connection failed ({exc.__class__.__name__})"
-                raise UpstreamUnavailable(message) from exc
+        response = await self._attempts(request, deadline)
         if self.observe is not None:
             try:
                 self.observe(request.tenant, time.perf_counter() - started)
@@ -103,7 +92,34 @@ class UpstreamClient:
                 raise
         return response
 
-    async def _send_once(self, request: UpstreamRequest, deadline: float) -> Response:
+    async def _attempts(self, request: UpstreamRequest, deadline: float) -> Response:
+        """Up to MAX_ATTEMPTS connects; one replay on a new connection after a stale one."""
+        fresh = False
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                return await self._send_once(request, deadline, fresh)
+            except TimeoutError as exc:
+                message = f"Upstream did not answer within {self.timeout:g}s"
+                raise UpstreamTimeout(message) from exc
+            except ConnectFailed as exc:
+                if attempt == MAX_ATTEMPTS:
+                    message = f"Cannot connect to upstream {request.url.host}"
+                    raise UpstreamUnavailable(message) from exc
+                reason = "connect failed"
+            except StaleConnection as exc:
+                if fresh or not _replayable(request):
+                    raise _unavailable(exc) from exc
+                fresh, reason = True, "kept-alive connection closed"
+            except ConnectionError as exc:
+                raise _unavailable(exc) from exc
+            logger.warning(
+                "upstream %s, retrying",
+                reason,
+                extra={"host": request.url.host, "attempt": attempt},
+            )
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _send_once(self, request: UpstreamRequest, deadline: float, fresh: bool) -> Response:
         multipart = request.stream is not None
         args = (request.credentials, request.action, request.body, self.clock())
         if request.body is not None and len(request.body) > LARGE_BODY:
@@ -121,6 +137,8 @@ class UpstreamClient:
             body=request.body,
             stream=stream,
             deadline=deadline,
+            tenant=request.tenant,
+            fresh=fresh,
         )
 
 
@@ -142,6 +160,15 @@ class Exchange:
     async def __aexit__(self, *exc_info: object) -> None:
         if self.response is not None:
             self.response.release()
+
+
+def _replayable(request: UpstreamRequest) -> bool:
+    """Safe to send again: idempotent, and its body bytes are at hand (a stream is read once)."""
+    return request.method in IDEMPOTENT and request.stream is None
+
+
+def _unavailable(exc: ConnectionError) -> UpstreamUnavailable:
+    return UpstreamUnavailable(f"Upstream connection failed ({exc.__class__.__name__})")
 
 
 def json_headers(request_id: str) -> list[tuple[str, str]]:

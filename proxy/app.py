@@ -14,13 +14,16 @@ from aiohttp import web
 from proxy.append import handle_append
 from proxy.appkeys import (
     ACTIONS,
-    IDEMPOTENCY,
+    APPEND_RUNS,
+    BACKEND,
     LIMITER,
     METRICS,
+    QUOTAS,
     RELOADER,
     SETTINGS,
     STATE,
     UPSTREAM,
+    USAGE,
     GatewayState,
 )
 from proxy.config import Settings
@@ -32,8 +35,8 @@ from proxy.handlers import (
     handle_readyz,
     handle_spec,
     handle_status,
+    handle_usage,
 )
-from proxy.idempotency import MemoryIdempotencyStore
 from proxy.limits import Limiter
 from proxy.metrics import Metrics
 from proxy.middleware import (
@@ -44,12 +47,18 @@ from proxy.middleware import (
     request_id_middleware,
 )
 from proxy.nxlink import now_ms
+from proxy.quotas import QuotaBook
 from proxy.reload import Loader, Reloader
+from proxy.state import StateBackend, open_state
+from proxy.state.fallback import ResilientState
 from proxy.tenants import Registry
 from proxy.upstream import UpstreamClient, create_pool
+from proxy.usage import UsageLedger
 
 # Routes answered without an API key.
 PUBLIC_ROUTES: Final = frozenset({"keys", "spec", "healthz", "readyz", "metrics"})
+# Routes that count against a tenant's requests quotas.
+COUNTED_ROUTES: Final = frozenset({"forward", "append"})
 # Methods forwarded under /openapi/ (OPTIONS stays free for CORS preflights).
 FORWARD_METHODS: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
@@ -61,6 +70,7 @@ def create_app(
     clock: Callable[[], int] = now_ms,
     reload: Loader | None = None,
     watch: Sequence[Path] = (),
+    open_backend: Callable[[str], StateBackend] = open_state,
 ) -> web.Application:
     """The gateway as an aiohttp application; the only way to build one."""
     app = web.Application(
@@ -69,7 +79,7 @@ def create_app(
             metrics_middleware,
             error_middleware,
             auth_middleware(public_routes=PUBLIC_ROUTES),
-            limits_middleware,
+            limits_middleware(counted_routes=COUNTED_ROUTES),
         ],
         client_max_size=settings.max_body_bytes,
     )
@@ -77,8 +87,8 @@ def create_app(
     app[STATE] = GatewayState(registry)
     app[ACTIONS] = action_table(settings.extra_actions)
     app[METRICS] = Metrics()
-    app[LIMITER] = Limiter(settings)
-    app[IDEMPOTENCY] = MemoryIdempotencyStore(ttl=settings.idempotency_ttl)
+    app[APPEND_RUNS] = set()
+    app.cleanup_ctx.append(_state_lifetime(open_backend))
     app.cleanup_ctx.append(_upstream_lifetime(clock))
     if reload is not None:
         sources = (settings.tenants_file, Path(settings.env_file), *watch)
@@ -95,6 +105,7 @@ def _add_routes(app: web.Application) -> None:
     app.router.add_get("/api/openapi/status", handle_status, name="status")
     app.router.add_get("/api/openapi/keys", handle_keys, name="keys")
     app.router.add_post("/api/openapi/append-numbers", handle_append, name="append")
+    app.router.add_get("/api/openapi/usage", handle_usage, name="usage")
     app.router.add_get("/api/openapi/spec.json", handle_spec, name="spec")
     app.router.add_get("/healthz", handle_healthz, name="healthz")
     app.router.add_get("/readyz", handle_readyz, name="readyz")
@@ -128,14 +139,51 @@ def _upstream_lifetime(
         app[STATE].ready = True
         yield
         app[STATE].ready = False
+        await _finish_runs(app)  # before the pool closes: they still send batches
         await pool.close()
 
     return lifetime
 
 
+def _state_lifetime(
+    open_backend: Callable[[str], StateBackend],
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        backend = open_backend(settings.state_url)
+        state = app[BACKEND] = ResilientState(backend, on_error=app[METRICS].state_errors.inc)
+        limiter = app[LIMITER] = Limiter(settings, state)
+        book = app[QUOTAS] = QuotaBook(settings, state, observe=app[METRICS].observe_quotas)
+        usage = app[USAGE] = UsageLedger(state, book.zone)
+        tasks = [
+            asyncio.create_task(limiter.keep_slots(), name="renew-slots"),
+            asyncio.create_task(usage.keep_flushing(), name="flush-usage"),
+        ]
+        yield
+        await _stop(tasks)
+        await usage.flush()
+        await state.close()
+
+    return lifetime
+
+
+async def _finish_runs(app: web.Application) -> None:
+    """Let append runs whose clients left finish their batches, up to ``SHUTDOWN_GRACE``."""
+    runs = app[APPEND_RUNS]
+    if runs:
+        await asyncio.wait(list(runs), timeout=app[SETTINGS].shutdown_grace)
+
+
+async def _stop(tasks: Sequence[asyncio.Task[None]]) -> None:
+    """Cancel background tasks and wait for them to end."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 async def _reload_lifetime(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(app[RELOADER].watch(), name="config-reload")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await _stop([task])

@@ -5,28 +5,43 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, NotRequired, TypedDict
+from functools import partial
+from typing import Any, Final
 
 from aiohttp import web
 from yarl import URL
 
 from proxy import errors
 from proxy.appkeys import (
-    IDEMPOTENCY,
+    APPEND_RUNS,
+    BACKEND,
+    QUOTAS,
     SETTINGS,
+    USAGE,
     context,
     current_credentials,
     current_tenant,
     metrics,
     upstream_client,
 )
+from proxy.batches import Batch, Result, collect, make_batches, run_batches
 from proxy.config import mask_key
 from proxy.forwarding import build_upstream_url, read_body
-from proxy.idempotency import body_digest
-from proxy.numbers import AppendCall, ContactItem, Entry, decode_json, parse_call
+from proxy.idempotency import (
+    OUTCOME_UNKNOWN,
+    JournalRun,
+    body_digest,
+    claim_run,
+    journal_key,
+    new_owner,
+    recovered,
+)
+from proxy.numbers import AppendCall, ContactItem, decode_json, parse_call
 from proxy.nxlink import APPEND_ACTION, APPEND_PATH, SUCCESS_CODES
+from proxy.ratelimit_headers import learn_quotas
+from proxy.state.base import Claim, ClaimStatus, JournalEntry
 from proxy.tenants import Credentials
 from proxy.upstream import Response, UpstreamClient, UpstreamRequest, json_headers
 
@@ -36,32 +51,6 @@ JSON = dict[str, Any]
 IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
 REPLAYED_HEADER: Final = "Idempotent-Replayed"
 MAX_IDEMPOTENCY_KEY: Final = 255
-_RUNNING: set[asyncio.Task[bytes]] = set()  # shielded runs whose client may have left
-
-
-class Result(TypedDict):
-    """One input entry's outcome, as the client sees it."""
-
-    phoneNumber: object
-    success: bool
-    contactId: NotRequired[str]
-    error: NotRequired[str]
-    response: NotRequired[object]
-
-
-@dataclass(frozen=True, slots=True)
-class Batch:
-    """Numbers sent in one call/append, with their positions in the input."""
-
-    positions: tuple[int, ...]
-    items: tuple[ContactItem, ...]
-
-
-def make_batches(entries: Sequence[Entry], size: int) -> list[Batch]:
-    """The usable entries in input order, ``size`` to a batch."""
-    ready = [(n, e.item) for n, e in enumerate(entries) if e.item is not None]
-    chunks = (ready[start : start + size] for start in range(0, len(ready), size))
-    return [Batch(tuple(n for n, _ in c), tuple(i for _, i in c)) for c in chunks]
 
 
 def batch_body(call: AppendCall, items: Sequence[ContactItem]) -> bytes:
@@ -150,41 +139,16 @@ def _result(item: ContactItem, reason: str | None, answer: object) -> Result:
     return result
 
 
-async def run_batches(
-    send: Callable[[Batch], Awaitable[list[Result]]], batches: Sequence[Batch], concurrency: int
-) -> list[list[Result]]:
-    """Each batch's results, in batch order, with at most ``concurrency`` in flight."""
-    outcomes: list[list[Result]] = [[] for _ in batches]
-    pending = iter(enumerate(batches))
-
-    async def worker() -> None:
-        for index, batch in pending:
-            outcomes[index] = await send(batch)
-
-    async with asyncio.TaskGroup() as group:
-        for _ in range(min(concurrency, len(batches))):
-            group.create_task(worker())
-    return outcomes
-
-
-def collect(
-    entries: Sequence[Entry], batches: Sequence[Batch], outcomes: Sequence[list[Result]]
-) -> list[Result]:
-    """One result per input entry, in input order."""
-    results: dict[int, Result] = {
-        n: {"phoneNumber": e.shown, "success": False, "error": e.error}
-        for n, e in enumerate(entries)
-        if e.item is None
-    }
-    for batch, outcome in zip(batches, outcomes, strict=True):
-        results.update(zip(batch.positions, outcome, strict=True))
-    return [results[n] for n in range(len(entries))]
-
-
 def answer_body(task_id: str, results: Sequence[Result], api_key: str) -> bytes:
     """The 200 answer of a processed request, encoded once (it may be stored for replays)."""
     total, success = len(results), sum(1 for r in results if r["success"])
-    counts = {"totalCount": total, "successCount": success, "failCount": total - success}
+    unknown = sum(1 for r in results if r.get("error") == OUTCOME_UNKNOWN)
+    counts = {
+        "totalCount": total,
+        "successCount": success,
+        "failCount": total - success,
+        "unknownCount": unknown,
+    }
     message = (
         f"Successfully processed {total} numbers. Success: {success}, Failed: {total - success}"
     )
@@ -194,61 +158,131 @@ def answer_body(task_id: str, results: Sequence[Result], api_key: str) -> bytes:
     return json.dumps(body, ensure_ascii=False).encode("utf-8", "backslashreplace")
 
 
-async def append_numbers(request: web.Request, raw: bytes) -> bytes:
-    """Validate, send in bounded concurrent batches, and build the answer."""
+@dataclass(frozen=True, slots=True)
+class AppendJob:
+    """One validated append-numbers request, ready to send."""
+
+    call: AppendCall
+    sender: Sender
+    batch_size: int
+    concurrency: int
+
+    def plan(self, recorded: Mapping[int, JournalEntry] | None = None) -> Plan:
+        """The batches to send now, and the results a previous owner's journal already gives."""
+        entries = self.call.entries
+        known = recovered(entries, recorded) if recorded else {}
+        start = max(recorded, default=-1) + 1 if recorded else 0
+        batches = make_batches(entries, self.batch_size, start=start, skip=known.keys())
+        return Plan(known, batches)
+
+    async def run(self, plan: Plan, journal: JournalRun | None = None) -> list[list[Result]]:
+        """Send the plan's batches; their results in batch order."""
+        send = self.sender.send
+        if journal is not None:
+            send = partial(journal.send, send=self.sender.send)
+        return await run_batches(send, plan.batches, self.concurrency)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What one run sends, and what it knows without sending."""
+
+    known: Mapping[int, Result]
+    batches: Sequence[Batch]
+
+    @property
+    def numbers(self) -> int:
+        return sum(len(b.items) for b in self.batches)
+
+
+async def counted_run(
+    request: web.Request, job: AppendJob, plan: Plan, journal: JournalRun | None = None
+) -> list[Result]:
+    """The run within the tenant's numbers quotas: reserved whole before anything is sent
+    (429 ``QUOTA_EXCEEDED`` when they do not fit), the numbers nxlink refused given back."""
+    book, tenant = request.app[QUOTAS], current_tenant(request)
+    if plan.numbers:
+        statuses = await book.reserve(tenant, "numbers", plan.numbers)
+        learn_quotas(context(request).limits, statuses)
+    outcomes = await job.run(plan, journal)
+    accepted = sum(1 for outcome in outcomes for r in outcome if r["success"])
+    await book.give_back(tenant, "numbers", plan.numbers - accepted)
+    return collect(job.call.entries, plan.batches, outcomes, plan.known)
+
+
+def append_job(request: web.Request, raw: bytes) -> AppendJob:
+    """Validate the body (400 before anything else happens) and set up the sender."""
     settings, tenant = request.app[SETTINGS], current_tenant(request)
     credentials = current_credentials(request)
     call = parse_call(decode_json(raw), settings.append_max_numbers)
-    size = tenant.limits.append_batch_size or settings.append_batch_size
-    batches = make_batches(call.entries, size)
     url = build_upstream_url(tenant.base_url, APPEND_PATH, "")
     client = upstream_client(request)
     sender = Sender(client, url, credentials, context(request).request_id, call, tenant.alias)
-    outcomes = await run_batches(sender.send, batches, settings.append_concurrency)
-    results = collect(call.entries, batches, outcomes)
+    size = tenant.limits.append_batch_size or settings.append_batch_size
+    return AppendJob(call, sender, size, settings.append_concurrency)
+
+
+def answer_of(request: web.Request, job: AppendJob, results: Sequence[Result]) -> bytes:
+    """Count the results and build the answer."""
+    tenant = current_tenant(request)
     failed = sum(1 for r in results if not r["success"])
     counter = metrics(request).append_numbers
     counter.labels(tenant.alias, "success").inc(len(results) - failed)
     counter.labels(tenant.alias, "failure").inc(failed)
-    logger.info("append-numbers for %s: %d batches, %d failed", tenant.alias, len(batches), failed)
-    return answer_body(call.task_id, results, context(request).api_key)
+    request.app[USAGE].count_numbers(tenant, len(results) - failed, failed)
+    logger.info("append-numbers for %s: %d numbers, %d failed", tenant.alias, len(results), failed)
+    return answer_body(job.call.task_id, results, context(request).api_key)
 
 
 async def handle_append(request: web.Request) -> web.Response:
     """``POST /api/openapi/append-numbers``; a repeated Idempotency-Key replays the answer."""
     settings = request.app[SETTINGS]
+    context(request).action = APPEND_ACTION
     raw = await read_body(request, settings.max_body_bytes, settings.upstream_timeout)
-    key = idempotency_key(request)
-    if key is None:
-        return _json_answer(await _shielded(append_numbers(request, raw)))
-    stored = await request.app[IDEMPOTENCY].claim(key, await body_digest(raw))
-    if stored is not None:
-        return _json_answer(stored, replayed=True)
-    return _json_answer(await _shielded(_append_and_store(request, raw, key)))
+    given = idempotency_header(request)
+    job = append_job(request, raw)
+    if given is None:
+        return _json_answer(await shielded(request.app, _plain(request, job)))
+    state, tenant = request.app[BACKEND], current_tenant(request)
+    key, owner = journal_key(tenant.id, given), new_owner()
+    claim = await claim_run(state, key, await body_digest(raw), owner, settings)
+    if claim.status is ClaimStatus.DONE:
+        assert claim.answer is not None
+        return _json_answer(claim.answer, replayed=True)
+    run = JournalRun(state, key, owner, settings.idempotency_lease)
+    return _json_answer(await shielded(request.app, _journaled(request, job, run, claim)))
 
 
-async def _append_and_store(request: web.Request, raw: bytes, key: str) -> bytes:
-    store = request.app[IDEMPOTENCY]
+async def _plain(request: web.Request, job: AppendJob) -> bytes:
+    return answer_of(request, job, await counted_run(request, job, job.plan()))
+
+
+async def _journaled(request: web.Request, job: AppendJob, run: JournalRun, claim: Claim) -> bytes:
+    """The run with its lease kept; given up (journal kept) if it fails."""
+    keeper = asyncio.create_task(run.keep_lease(), name="idempotency-lease")
     try:
-        answer = await append_numbers(request, raw)
+        results = await counted_run(request, job, job.plan(claim.journal), run)
+        answer = answer_of(request, job, results)
+        await run.finish(answer, request.app[SETTINGS].idempotency_ttl)
+        return answer
     except BaseException:
-        await store.release(key)
+        await run.abandon()
         raise
-    await store.complete(key, answer)
-    return answer
+    finally:
+        keeper.cancel()
 
 
-async def _shielded(work: Coroutine[Any, Any, bytes]) -> bytes:
-    """``work`` run to its end even when the client leaves (aiohttp then cancels the
-    handler): batches already sent to nxlink are finished and their answer stored."""
+async def shielded(app: web.Application, work: Coroutine[Any, Any, bytes]) -> bytes:
+    """``work`` in a task of its own: a client that goes away does not cut a run mid-batch."""
     task = asyncio.create_task(work)
-    _RUNNING.add(task)  # the loop keeps only a weak reference to a task
-    task.add_done_callback(_forget)
+    runs = app[APPEND_RUNS]  # the loop keeps only a weak reference to a task
+    runs.add(task)
+    task.add_done_callback(lambda done: _forget(runs, done))
     return await asyncio.shield(task)
 
 
-def _forget(task: asyncio.Task[bytes]) -> None:
-    _RUNNING.discard(task)
+def _forget(runs: set[asyncio.Task[bytes]], task: asyncio.Task[bytes]) -> None:
+    runs.discard(task)
     if not task.cancelled():
         task.exception()  # retrieved: a failure the gone client can no longer see
 
@@ -260,11 +294,10 @@ def _json_answer(body: bytes, *, replayed: bool = False) -> web.Response:
     )
 
 
-def idempotency_key(request: web.Request) -> str | None:
-    """The tenant-scoped store key for the client's ``Idempotency-Key``, if it sent one."""
+def idempotency_header(request: web.Request) -> str | None:
+    """The client's ``Idempotency-Key``, if it sent one."""
     given = request.headers.get(IDEMPOTENCY_HEADER, "").strip()
     if len(given) > MAX_IDEMPOTENCY_KEY:
         message = f"Idempotency-Key must be at most {MAX_IDEMPOTENCY_KEY} characters"
         raise errors.RequestError(message, error="INVALID_IDEMPOTENCY_KEY")
-    tenant = current_tenant(request)
-    return f"{tenant.source}\n{tenant.alias}\n{given}" if given else None
+    return given or None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -10,12 +11,15 @@ from aiohttp import web
 
 from proxy.config import Settings
 from proxy.errors import ConfigIncomplete
-from proxy.idempotency import IdempotencyStore
 from proxy.limits import Limiter
 from proxy.metrics import Metrics
+from proxy.quotas import QuotaBook
+from proxy.ratelimit_headers import LimitState
 from proxy.reload import Reloader
+from proxy.state.fallback import ResilientState
 from proxy.tenants import Credentials, Registry, Tenant
 from proxy.upstream import UpstreamClient
+from proxy.usage import UsageLedger
 
 
 @dataclass(slots=True)
@@ -34,7 +38,10 @@ UPSTREAM: Final = web.AppKey("upstream", UpstreamClient)
 METRICS: Final = web.AppKey("metrics", Metrics)
 LIMITER: Final = web.AppKey("limiter", Limiter)
 RELOADER: Final = web.AppKey("reloader", Reloader)
-IDEMPOTENCY: Final = web.AppKey[IdempotencyStore]("idempotency")
+APPEND_RUNS: Final = web.AppKey[set["asyncio.Task[bytes]"]]("append_runs")
+BACKEND: Final = web.AppKey("backend", ResilientState)
+QUOTAS: Final = web.AppKey("quotas", QuotaBook)
+USAGE: Final = web.AppKey("usage", UsageLedger)
 
 
 @dataclass(slots=True)
@@ -48,6 +55,8 @@ class RequestContext:
     api_key: str = ""
     upstream_status: int | None = None
     response_started: bool = False  # headers sent: no error envelope is possible any more
+    action: str = ""  # the nxlink action, once known (usage counts requests by action)
+    limits: LimitState | None = None  # the tenant's limits in force, for the RateLimit headers
 
 
 CONTEXT: Final = web.RequestKey("context", RequestContext)

@@ -1,4 +1,4 @@
-"""The command line: serve, check, sign, sandbox, keygen."""
+"""The command line: serve, check, sign, sandbox, keygen, usage."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from proxy.tenants import (
     hash_key,
 )
 from proxy.typos import placeholder_problems, refuse_placeholders, unknown_variables
+from proxy.usage import MAX_DAYS, parse_days, read_reports, report_lines
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sign(commands.add_parser("sign", help="print the signed upstream headers as JSON"))
     _add_sandbox(commands.add_parser("sandbox", help="run the nxlink emulator alone"))
     commands.add_parser("keygen", help="print a new random API key and its sha256: hash")
+    _add_usage(commands.add_parser("usage", help="print each tenant's quotas and daily usage"))
     return parser
 
 
@@ -104,6 +106,13 @@ def _add_sandbox(sandbox: argparse.ArgumentParser) -> None:
     _config_flags(sandbox)
     sandbox.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     sandbox.add_argument("--port", type=int, default=8002, help="listen port (default 8002)")
+
+
+def _add_usage(usage: argparse.ArgumentParser) -> None:
+    _config_flags(usage)
+    usage.add_argument("--tenant", help="alias of one tenant (default: every tenant)")
+    usage.add_argument("--days", default="7", help=f"days to show, 1 to {MAX_DAYS} (default 7)")
+    usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def _config_flags(parser: argparse.ArgumentParser) -> None:
@@ -254,12 +263,33 @@ def cmd_keygen(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     return 0
 
 
+def cmd_usage(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """Print the quotas and daily usage of every tenant (or one) from ``STATE_URL``."""
+    settings, registry = _load(args, environ)
+    tenants = [t for t in registry.tenants if args.tenant in (None, t.alias)]
+    if not tenants:
+        aliases = ", ".join(t.alias for t in registry.tenants) or "none"
+        raise ConfigError([f"usage: no tenant with alias {args.tenant!r}; configured: {aliases}"])
+    try:
+        days = parse_days(args.days)
+    except ValueError as exc:
+        raise ConfigError([f"usage: --days {args.days}: {exc}"]) from None
+    reports = asyncio.run(read_reports(settings, tenants, days))
+    if args.json:
+        print(json.dumps(reports, ensure_ascii=False, indent=2))
+        return 0
+    for report in reports:
+        print("\n".join(report_lines(report)))
+    return 0
+
+
 COMMANDS: Final = {
     "serve": cmd_serve,
     "check": cmd_check,
     "sign": cmd_sign,
     "sandbox": cmd_sandbox,
     "keygen": cmd_keygen,
+    "usage": cmd_usage,
 }
 
 

@@ -8,12 +8,14 @@ GatewayError                      any failure answered with an envelope
 ├── RequestError                  the client's request (400 and kin)
 │   ├── NotFound                  404 NOT_FOUND
 │   ├── MethodNotAllowed          405 METHOD_NOT_ALLOWED
-│   ├── IdempotencyKeyReused      409 IDEMPOTENCY_KEY_REUSED
+│   ├── IdempotencyInProgress     409 IDEMPOTENCY_IN_PROGRESS
+│   ├── IdempotencyKeyReused      422 IDEMPOTENCY_KEY_REUSED
 │   ├── PayloadTooLarge           413 PAYLOAD_TOO_LARGE
-│   └── TooManyRequests           429 RATE_LIMITED / TENANT_BUSY
+│   └── TooManyRequests           429 RATE_LIMITED / TENANT_BUSY / QUOTA_EXCEEDED
 ├── ConfigIncomplete              500 OPENAPI_CONFIG_INCOMPLETE
 ├── InternalError                 500 INTERNAL_ERROR
 ├── NotReady                      503 NOT_READY
+├── StateUnreachable              503 STATE_UNAVAILABLE
 └── UpstreamError                 nxlink could not be reached (502/504)
     ├── UpstreamUnavailable       502 UPSTREAM_UNAVAILABLE
     └── UpstreamTimeout           504 UPSTREAM_TIMEOUT
@@ -40,17 +42,19 @@ class GatewayError(Exception):
         *,
         error: str | None = None,
         status: int | None = None,
+        retry_after: int | None = None,
         **extra: Any,
     ):
         self.message = message or self.default_message
         self.code = error or self.error
         self.status = status or type(self).status
+        self.retry_after = None if retry_after is None else max(1, retry_after)
         self.extra = extra
         super().__init__(self.message)
 
     def headers(self) -> dict[str, str]:
-        """Extra response headers this error calls for."""
-        return {}
+        """Extra response headers this error calls for (``Retry-After`` when it has one)."""
+        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
 
     def envelope(self) -> dict[str, Any]:
         """The JSON body: status as ``code``, then message, error code and extra fields."""
@@ -133,10 +137,18 @@ class MethodNotAllowed(RequestError):
         return {"Allow": self.allowed} if self.allowed else {}
 
 
+class IdempotencyInProgress(RequestError):
+    """The first request with this ``Idempotency-Key`` still runs; carries ``Retry-After``."""
+
+    status = 409
+    error = "IDEMPOTENCY_IN_PROGRESS"
+    default_message = "A request with this Idempotency-Key is still being processed; retry later"
+
+
 class IdempotencyKeyReused(RequestError):
     """An ``Idempotency-Key`` was sent again with a different body."""
 
-    status = 409
+    status = 422
     error = "IDEMPOTENCY_KEY_REUSED"
     default_message = "Idempotency-Key was already used with a different request body"
 
@@ -157,11 +169,7 @@ class TooManyRequests(RequestError):
     default_message = "Rate limit exceeded"
 
     def __init__(self, message: str | None = None, *, retry_after: int = 1, **kw: Any):
-        super().__init__(message, **kw)
-        self.retry_after = max(1, retry_after)
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)}
+        super().__init__(message, retry_after=retry_after, **kw)
 
 
 class ConfigIncomplete(GatewayError):
@@ -181,6 +189,16 @@ class NotReady(GatewayError):
     status = 503
     error = "NOT_READY"
     default_message = "Service not ready"
+
+
+class StateUnreachable(GatewayError):
+    """The state backend is down and the request cannot go on without it (Idempotency-Key)."""
+
+    status = 503
+    error = "STATE_UNAVAILABLE"
+    default_message = (
+        "The shared state backend is unavailable; retry with the same Idempotency-Key later"
+    )
 
 
 class UpstreamError(GatewayError):

@@ -256,7 +256,7 @@ async def handle_forward(request: web.Request) -> web.StreamResponse:
     url = build_upstream_url(
         tenant.base_url, request.raw_path.partition("?")[0], request.rel_url.raw_query_string
     )
-    action = resolve_action(request.headers, request.path, app[ACTIONS])
+    action = ctx.action = resolve_action(request.headers, request.path, app[ACTIONS])
     streamed = is_multipart(request)
     headers = filter_request_headers(request.headers, streamed=streamed)
     headers.append(("X-Request-Id", ctx.request_id))
@@ -286,6 +286,8 @@ async def stream_back(request: web.Request, answer: Response, timing: str) -> we
     ctx = context(request)
     headers["X-Request-Id"] = ctx.request_id
     headers["Server-Timing"] = timing
+    if ctx.limits is not None:
+        headers.extend(ctx.limits.headers())
     ctx.upstream_status = answer.status
     body = answer.body_if_complete()
     if body is not None and request.method != "HEAD":

@@ -12,14 +12,19 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from proxy import __version__
 from proxy.apidoc import document_bytes
 from proxy.appkeys import (
+    BACKEND,
     METRICS,
+    QUOTAS,
     SETTINGS,
     STATE,
+    USAGE,
     context,
     current_tenant,
 )
 from proxy.config import mask_key
-from proxy.errors import NotFound, NotReady
+from proxy.errors import NotFound, NotReady, RequestError, StateUnreachable
+from proxy.state.base import StateUnavailable
+from proxy.usage import parse_days, usage_report
 
 SERVICE_NAME = "nxlink-openapi-proxy"
 
@@ -96,10 +101,27 @@ async def handle_healthz(request: web.Request) -> web.Response:
 
 
 async def handle_readyz(request: web.Request) -> web.Response:
-    """Readiness: configuration loaded and not draining."""
+    """Readiness: configuration loaded and not draining. A state backend that does not answer
+    is reported, not fatal: requests go on with this process's limits."""
     state = request.app[STATE]
     if state.draining:
         raise NotReady("Draining for shutdown")
     if not state.ready:
         raise NotReady("Configuration not loaded yet")
-    return envelope("ready", {"status": "ready", "tenants": len(state.registry)})
+    shared = "ok" if await request.app[BACKEND].ping() else "unavailable"
+    return envelope("ready", {"status": "ready", "tenants": len(state.registry), "state": shared})
+
+
+async def handle_usage(request: web.Request) -> web.Response:
+    """The caller's own quotas and usage of the last ``days`` days, newest first."""
+    try:
+        days = parse_days(request.query.get("days"))
+    except ValueError as exc:
+        raise RequestError(str(exc), error="INVALID_DAYS") from exc
+    app = request.app
+    await app[USAGE].flush()  # this process's latest counts included
+    try:
+        data = await usage_report(app[BACKEND], app[QUOTAS], current_tenant(request), days)
+    except StateUnavailable as exc:
+        raise StateUnreachable("The state backend is unavailable; usage cannot be read") from exc
+    return envelope("Usage", data)

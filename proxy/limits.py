@@ -1,38 +1,27 @@
-"""Per-tenant limits: a token bucket for rate and a counter for requests in flight."""
+"""Per-tenant limits through the state backend: a token bucket for rate and leased in-flight
+slots, so that every process sharing the backend enforces one limit."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import math
+import os
+import secrets
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Final
 
 from proxy.config import Settings
 from proxy.errors import TooManyRequests
+from proxy.state.base import RateDecision
+from proxy.state.fallback import ResilientState
 from proxy.tenants import Tenant
 
-UNLIMITED: Final[AbstractContextManager[None]] = nullcontext()
-
-
-@dataclass(slots=True)
-class TokenBucket:
-    """``rate`` tokens a second, at most ``burst`` saved up."""
-
-    rate: float
-    burst: int
-    tokens: float
-    updated: float
-
-    def take(self, now: float) -> float:
-        """Take one token; 0.0 when granted, else seconds until one is available."""
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
+SLOT_TTL: Final = 20.0  # a dead process's slot is free at most this long after its last renewal
+RENEW_EVERY: Final = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,62 +40,124 @@ class TenantPolicy:
         return cls(rate, burst or max(1, math.ceil(rate or 1)), inflight)
 
 
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What the limiter decided for one admitted request (the rate-limit headers need it)."""
+
+    policy: TenantPolicy
+    rate: RateDecision | None
+
+
+UNLIMITED: Final[AbstractAsyncContextManager[Admission | None]] = nullcontext(None)
+
+
+def rate_key(tenant: Tenant, rate: float, burst: int) -> str:
+    """The bucket of ``tenant`` under this policy: a changed limit starts with a full bucket."""
+    return f"rate:{tenant.id}:{rate:g}:{burst}"
+
+
+def slot_key(tenant: Tenant) -> str:
+    return f"slots:{tenant.id}"
+
+
 class Limiter:
-    """Per-tenant buckets and in-flight counts, keyed by the tenant's config source."""
+    """Per-tenant buckets and in-flight leases in the state backend, keyed by the tenant id."""
 
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic):
-        self.settings = settings
-        self.clock = clock
-        self._buckets: dict[str, tuple[TenantPolicy, TokenBucket]] = {}
-        self._inflight: dict[str, int] = {}
+    def __init__(
+        self, settings: Settings, state: ResilientState, clock: Callable[[], float] = time.time
+    ):
+        self.settings, self.state, self.clock = settings, state, clock
         self._no_defaults = not settings.rate_limit_rps and not settings.max_inflight_per_tenant
+        self._free_defaults = self._no_defaults and not settings.quota_defaults.items()
+        self._held: dict[str, set[str]] = {}  # slot key → the holders of this process
+        self._holder = f"{os.getpid()}-{secrets.token_hex(4)}-"
+        self._serial = itertools.count()
 
-    def admit(self, tenant: Tenant) -> AbstractContextManager[None]:
+    def free(self, tenant: Tenant) -> bool:
+        """True when no limit and no quota applies to ``tenant``: the common case, decided
+        from a few attributes (it runs on every request)."""
+        own, quotas = tenant.limits, tenant.quotas
+        return (
+            self._free_defaults
+            and not own.rate_limit_rps
+            and not own.max_inflight
+            and quotas.numbers_per_day is None
+            and quotas.numbers_per_month is None
+            and quotas.requests_per_day is None
+            and quotas.requests_per_month is None
+        )
+
+    def admit(self, tenant: Tenant) -> AbstractAsyncContextManager[Admission | None]:
         """Take a token and hold an in-flight slot for the block, or raise 429."""
         own = tenant.limits
         if self._no_defaults and not own.rate_limit_rps and not own.max_inflight:
-            return UNLIMITED  # the common case, decided without building a policy
+            return UNLIMITED  # the common case: decided without a policy or a state call
         policy = TenantPolicy.of(tenant, self.settings)
         if policy.rate is None and policy.max_inflight is None:
             return UNLIMITED
-        self._check_busy(tenant, policy.max_inflight)  # before the bucket: no token wasted
-        self._check_rate(tenant, policy)
-        return self._slot(tenant)
+        return self._admitted(tenant, policy)
 
-    def _check_rate(self, tenant: Tenant, policy: TenantPolicy) -> None:
+    @asynccontextmanager
+    async def _admitted(self, tenant: Tenant, policy: TenantPolicy) -> AsyncIterator[Admission]:
+        # The slot before the bucket: a busy tenant wastes no token.
+        holder = await self._acquire(tenant, policy.max_inflight)
+        try:
+            yield Admission(policy, await self._take(tenant, policy))
+        finally:
+            if holder is not None:
+                await self._release(slot_key(tenant), holder)
+
+    async def _take(self, tenant: Tenant, policy: TenantPolicy) -> RateDecision | None:
         """Spend one token of the tenant's bucket or raise 429 ``RATE_LIMITED``."""
-        if policy.rate is None:
-            return
-        bucket = self._bucket(tenant.source, policy)
-        wait = bucket.take(self.clock())
-        if wait > 0:
+        rate = policy.rate
+        if rate is None:
+            return None
+        key, now = rate_key(tenant, rate, policy.burst), self.clock()
+        decision = await self.state.shared_or_local(
+            lambda s: s.take_token(key, rate, policy.burst, now)
+        )
+        if not decision.allowed:
             raise TooManyRequests(
-                f"Rate limit of {policy.rate:g} requests/s exceeded for {tenant.alias}",
-                retry_after=math.ceil(wait),
+                f"Rate limit of {rate:g} requests/s exceeded for {tenant.alias}",
+                retry_after=math.ceil(decision.retry_after),
             )
+        return decision
 
-    def _bucket(self, key: str, policy: TenantPolicy) -> TokenBucket:
-        known = self._buckets.get(key)
-        if known is None or known[0] != policy:
-            assert policy.rate is not None
-            bucket = TokenBucket(policy.rate, policy.burst, float(policy.burst), self.clock())
-            known = (policy, bucket)
-            self._buckets[key] = known
-        return known[1]
-
-    def _check_busy(self, tenant: Tenant, cap: int | None) -> None:
-        """Raise 429 ``TENANT_BUSY`` when the tenant has ``cap`` requests in flight."""
-        if cap is not None and self._inflight.get(tenant.source, 0) >= cap:
+    async def _acquire(self, tenant: Tenant, cap: int | None) -> str | None:
+        """One of the tenant's ``cap`` in-flight slots, or 429 ``TENANT_BUSY``."""
+        if cap is None:
+            return None
+        key, holder, now = slot_key(tenant), f"{self._holder}{next(self._serial)}", self.clock()
+        held = await self.state.shared_or_local(
+            lambda s: s.acquire_slot(key, holder, cap, SLOT_TTL, now)
+        )
+        if not held:
             raise TooManyRequests(
                 f"{tenant.alias} already has {cap} requests in flight", error="TENANT_BUSY"
             )
+        self._held.setdefault(key, set()).add(holder)
+        return holder
 
-    @contextmanager
-    def _slot(self, tenant: Tenant) -> Iterator[None]:
-        """Hold one of the tenant's in-flight slots for the block."""
-        key = tenant.source
-        self._inflight[key] = self._inflight.get(key, 0) + 1
-        try:
-            yield
-        finally:
-            self._inflight[key] -= 1
+    async def _release(self, key: str, holder: str) -> None:
+        holders = self._held.get(key, set())
+        holders.discard(holder)
+        if not holders:
+            self._held.pop(key, None)
+        # Also in memory, in case the slot was taken there while the backend was down.
+        await self.state.local.release_slot(key, holder)
+        await self.state.shared_or_local(lambda s: s.release_slot(key, holder))
+
+    async def keep_slots(self) -> None:
+        """Renew the leases of the slots this process holds, every few seconds, for good."""
+        while True:
+            await asyncio.sleep(RENEW_EVERY)
+            await self.renew_slots()
+
+    async def renew_slots(self) -> None:
+        """Extend every slot this process holds by ``SLOT_TTL``."""
+        for key, holders in list(self._held.items()):
+            await self._renew(key, list(holders), self.clock())
+
+    async def _renew(self, key: str, holders: list[str], now: float) -> None:
+        await self.state.local.renew_slots(key, holders, SLOT_TTL, now)
+        await self.state.shared_or_local(lambda s: s.renew_slots(key, holders, SLOT_TTL, now))

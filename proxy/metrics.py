@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 from prometheus_client import (
@@ -12,6 +13,8 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+
+from proxy.quotas import QuotaStatus
 
 # The *_created series double the exposition size and tell an operator nothing here.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus-client
@@ -70,6 +73,23 @@ class Metrics:
             ["tenant", "result"],
             registry=self.registry,
         )
+        self.state_errors = Counter(
+            f"{PREFIX}_state_errors",
+            "State backend calls that failed (limits and quotas then use this process's memory)",
+            registry=self.registry,
+        )
+        self.quota_used = Gauge(
+            f"{PREFIX}_quota_used",
+            "What a tenant used of each quota in its current window, as last reserved here",
+            ["tenant", "quota"],
+            registry=self.registry,
+        )
+        self.quota_limit = Gauge(
+            f"{PREFIX}_quota_limit",
+            "Each quota of a tenant",
+            ["tenant", "quota"],
+            registry=self.registry,
+        )
 
         # Labelled children of the two per-request metrics, looked up once per label set.
         self._counted: dict[tuple[str, str, str], Counter] = {}
@@ -89,6 +109,12 @@ class Metrics:
         if child is None:
             child = self._timed[tenant] = self.upstream_latency.labels(tenant)
         child.observe(seconds)
+
+    def observe_quotas(self, tenant: str, statuses: Sequence[QuotaStatus]) -> None:
+        """What a reservation left of the tenant's quotas."""
+        for status in statuses:
+            self.quota_used.labels(tenant, status.name).set(status.used)
+            self.quota_limit.labels(tenant, status.name).set(status.limit)
 
     def render(self) -> bytes:
         """The exposition text."""

@@ -15,8 +15,10 @@ from aiohttp.typedefs import Handler, Middleware
 from proxy.appkeys import (
     CONTEXT,
     LIMITER,
+    QUOTAS,
     SETTINGS,
     STATE,
+    USAGE,
     RequestContext,
     metrics,
 )
@@ -33,7 +35,10 @@ from proxy.errors import (
     RequestError,
     TooManyRequests,
 )
+from proxy.limits import Admission, TenantPolicy
 from proxy.logs import request_id_var
+from proxy.ratelimit_headers import RATE_ITEM, learn_quotas, limit_state
+from proxy.tenants import Tenant
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +71,9 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
         request_id_var.reset(token)
     if not response.prepared:
         response.headers[REQUEST_ID_HEADER] = request_id
+        limits = request[CONTEXT].limits
+        if limits is not None:
+            response.headers.extend(limits.headers())
     return response
 
 
@@ -81,10 +89,13 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         return response
     finally:
         registry.in_flight -= 1
-        tenant = request[CONTEXT].tenant
+        ctx = request[CONTEXT]
+        tenant = ctx.tenant
         route = request.match_info.route.name or "unmatched"
         alias = tenant.alias if tenant is not None else ""
         registry.count_request(alias, route, status)
+        if tenant is not None:
+            request.app[USAGE].count_request(tenant, ctx.action or route, status)
 
 
 @web.middleware
@@ -165,18 +176,47 @@ def _rejected(request: web.Request, exc: GatewayError) -> GatewayError:
     return exc
 
 
-@web.middleware
-async def limits_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Per-tenant rate limit and in-flight cap; public routes have no tenant and pass."""
-    tenant = request[CONTEXT].tenant
-    if tenant is None:
-        return await handler(request)
+def limits_middleware(*, counted_routes: frozenset[str]) -> Middleware:
+    """Per-tenant rate limit, in-flight cap and requests quotas (on ``counted_routes``); public
+    routes have no tenant and pass."""
+
+    @web.middleware
+    async def limits(request: web.Request, handler: Handler) -> web.StreamResponse:
+        tenant = request[CONTEXT].tenant
+        if tenant is None or request.app[LIMITER].free(tenant):
+            return await handler(request)  # no limit, no quota: no policy, no state call
+        counted = request.match_info.route.name in counted_routes
+        return await _limited(request, handler, tenant, counted)
+
+    return limits
+
+
+async def _limited(
+    request: web.Request, handler: Handler, tenant: Tenant, counted: bool
+) -> web.StreamResponse:
+    """The request within the tenant's limits, and its requests quotas when ``counted``."""
+    ctx, app = request[CONTEXT], request.app
     try:
-        with request.app[LIMITER].admit(tenant):
+        async with app[LIMITER].admit(tenant) as admitted:
+            ctx.limits = limit_state(app[QUOTAS], tenant, admitted)
+            if ctx.limits is not None and counted:
+                learn_quotas(ctx.limits, await app[QUOTAS].reserve(tenant, "requests", 1))
             return await handler(request)
     except TooManyRequests as exc:
         metrics(request).limited.labels(tenant.alias, exc.code).inc()
+        _learn_refusal(request, tenant, exc)
         raise
+
+
+def _learn_refusal(request: web.Request, tenant: Tenant, exc: TooManyRequests) -> None:
+    """The RateLimit headers of a 429: nothing left of the limit that refused."""
+    ctx, app = request[CONTEXT], request.app
+    if ctx.limits is None:
+        admitted = Admission(TenantPolicy.of(tenant, app[SETTINGS]), None)
+        ctx.limits = limit_state(app[QUOTAS], tenant, admitted)
+    quota = exc.extra.get("quota", {"name": RATE_ITEM, "remaining": 0})
+    if ctx.limits is not None and exc.code != "TENANT_BUSY":
+        ctx.limits.learn(quota["name"], quota["remaining"], exc.retry_after or 1)
 
 
 def _directory(request: web.Request) -> dict[str, Any]:

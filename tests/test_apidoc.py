@@ -12,7 +12,6 @@ from openapi_spec_validator import validate
 
 from proxy import __version__, errors
 from proxy.apidoc import build_document
-from proxy.apidoc.paths import PREPARED
 from proxy.apidoc.responses import ERROR_CODES, codes_of
 from proxy.app import FORWARD_METHODS, PUBLIC_ROUTES, create_app
 from proxy.nxlink import KNOWN_ACTIONS
@@ -58,11 +57,6 @@ def served_by(pair: Pair) -> Pair:
 def fix_for(pair: Pair) -> str:
     """What to write into the document for a route it lacks."""
     path, method = pair
-    if pair in PREPARED:
-        return (
-            f"add {path!r}: {{{method!r}: {PREPARED[pair]}}} to PATHS in proxy/apidoc/paths.py "
-            f"(the operation {PREPARED[pair]} is written there already)"
-        )
     return (
         f"add {path!r}: {{{method!r}: operation(...)}} to PATHS in proxy/apidoc/paths.py "
         "with its parameters, request body, answers and errors"
@@ -106,13 +100,10 @@ async def _nothing(request: web.Request) -> web.Response:
 
 
 def test_a_new_route_is_reported_with_what_to_add(app: web.Application) -> None:
-    app.router.add_get("/api/openapi/usage", _nothing, name="usage")
     app.router.add_delete("/api/openapi/keys", _nothing)
     assert undocumented(app) == [
         "add '/api/openapi/keys': {'delete': operation(...)} to PATHS in proxy/apidoc/paths.py "
         "with its parameters, request body, answers and errors",
-        "add '/api/openapi/usage': {'get': USAGE} to PATHS in proxy/apidoc/paths.py "
-        "(the operation USAGE is written there already)",
     ]
 
 

@@ -6,7 +6,6 @@ import asyncio
 import json
 import math
 import socket
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,11 +15,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.app import create_app
-from proxy.append import Batch, Result, run_batches
-from proxy.appkeys import IDEMPOTENCY
-from proxy.idempotency import MemoryIdempotencyStore
+from proxy.batches import Batch, Result, run_batches
 from proxy.nxlink import APPEND_ACTION, APPEND_PATH
-from proxy.sandbox.verify import MESSAGES, Rejection, verify_request
 from proxy.tenants import Credentials, Limits, Registry
 from tests.conftest import (
     CREDS_A,
@@ -34,6 +30,9 @@ from tests.conftest import (
     make_settings,
     make_tenant,
 )
+from tests.holding_nxlink import refusal
+from tests.processes import eventually
+from tests.state_fakes import SwitchableState
 
 JSON = dict[str, Any]
 URL = "/api/openapi/append-numbers"
@@ -126,17 +125,9 @@ class FakeNxlink:
 
     async def handle(self, request: web.Request) -> web.Response:
         raw = await request.read()
-        try:
-            verify_request(
-                request.headers,
-                raw,
-                accounts=self.accounts,
-                expected_action=APPEND_ACTION,
-                now_ms=time.time_ns() // 1_000_000,
-                multipart=False,
-            )
-        except Rejection as exc:
-            return answer(int(exc.code), MESSAGES[exc.code])
+        refused = refusal(request, raw, self.accounts)
+        if refused is not None:
+            return refused
         doc = json.loads(raw)
         self.bodies.append(doc)
         self.in_flight += 1
@@ -434,12 +425,12 @@ async def test_idempotent_replay_makes_no_upstream_call(
     assert len(upstream.received) == calls == 1
 
 
-async def test_idempotency_key_with_another_body_is_409(
+async def test_idempotency_key_with_another_body_is_422(
     gateway: Client, upstream: Upstream
 ) -> None:
     await post(gateway, KEY_A, {"taskId": "t", "phoneNumbers": ["13800138000"]}, "k")
     status, body = await post(gateway, KEY_A, {"taskId": "t", "phoneNumbers": ["13900139000"]}, "k")
-    assert (status, body["error"]) == (409, "IDEMPOTENCY_KEY_REUSED")
+    assert (status, body["error"]) == (422, "IDEMPOTENCY_KEY_REUSED")
     assert len(upstream.received) == 1
 
 
@@ -469,19 +460,8 @@ async def test_idempotency_ttl_comes_from_settings(
     assert len(appended(upstream)) == 2
 
 
-class WatchedStore(MemoryIdempotencyStore):
-    """The in-memory store, telling when a second claim is waiting."""
-
-    def __init__(self) -> None:
-        super().__init__(ttl=60)
-        self.claims = 0
-        self.second = asyncio.Event()
-
-    async def claim(self, key: str, fingerprint: str) -> bytes | None:
-        self.claims += 1
-        if self.claims == 2:
-            self.second.set()
-        return await super().claim(key, fingerprint)
+async def repeat_polls(backend: SwitchableState) -> bool:
+    return backend.calls.count("claim") >= 3
 
 
 async def test_concurrent_duplicate_waits_for_the_first(
@@ -489,10 +469,12 @@ async def test_concurrent_duplicate_waits_for_the_first(
     start_fake: Callable[[FakeNxlink], Awaitable[str]],
 ) -> None:
     fake = FakeNxlink(CREDS_A, wave=1_000)
+    backend = SwitchableState()
     app = create_app(
-        make_settings(), Registry([make_tenant("a", KEY_A, await start_fake(fake), CREDS_A)])
+        make_settings(),
+        Registry([make_tenant("a", KEY_A, await start_fake(fake), CREDS_A)]),
+        open_backend=lambda _url: backend,
     )
-    store = app[IDEMPOTENCY] = WatchedStore()
     client = await aiohttp_client(app)
     body = {"taskId": "t", "phoneNumbers": numbers(3)}
     headers = {"x-api-key": KEY_A, "Idempotency-Key": "dup"}
@@ -500,7 +482,7 @@ async def test_concurrent_duplicate_waits_for_the_first(
         first = asyncio.create_task(client.post(URL, json=body, headers=headers))
         await fake.arrived.wait()
         second = asyncio.create_task(client.post(URL, json=body, headers=headers))
-        await store.second.wait()
+        await eventually(lambda: repeat_polls(backend), what="the repeat polling its claim")
         fake.release()
         answers = [await first, await second]
     assert len(fake.bodies) == 1
@@ -572,49 +554,6 @@ async def test_tenant_without_credentials_and_missing_key(
     resp = await gateway.post(URL, json={"taskId": "t", "phoneNumbers": ["13800138000"]})
     assert (resp.status, (await resp.json())["error"]) == (401, "MISSING_API_KEY")
     assert upstream.received == []
-
-
-class Clock:
-    """A hand-moved monotonic clock."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-async def test_store_forgets_answers_after_ttl() -> None:
-    clock = Clock()
-    store = MemoryIdempotencyStore(ttl=10, clock=clock)
-    assert await store.claim("k", "fp") is None
-    await store.complete("k", b"answer")
-    clock.now = 9.9
-    assert await store.claim("k", "fp") == b"answer"
-    clock.now = 10.0
-    assert await store.claim("k", "other body") is None
-
-
-async def test_store_evicts_the_oldest_past_its_bounds() -> None:
-    store = MemoryIdempotencyStore(ttl=60, max_entries=2, max_bytes=10)
-    for key in ("a", "b", "c"):
-        assert await store.claim(key, "fp") is None
-        await store.complete(key, b"1234")
-    assert await store.claim("a", "fp") is None
-    assert await store.claim("c", "fp") == b"1234"
-    await store.complete("a", b"12345678901")
-    assert await store.claim("b", "fp") is None
-
-
-async def test_store_release_lets_a_waiting_repeat_run() -> None:
-    store = WatchedStore()
-    assert await store.claim("k", "fp") is None
-    waiting = asyncio.create_task(store.claim("k", "fp"))
-    await store.second.wait()
-    await store.release("k")
-    assert await waiting is None
-    await store.complete("k", b"second run")
-    assert await store.claim("k", "fp") == b"second run"
 
 
 async def test_text_utf8_cannot_carry_fails_its_entry_and_a_huge_number_goes_through(

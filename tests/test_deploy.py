@@ -353,7 +353,9 @@ def test_kubernetes_gateway_requests_modest_resources_under_its_limit() -> None:
 
 def test_kubernetes_manifest_applies_as_it_is_without_a_secret() -> None:
     # kubectl apply would overwrite the real Secret with whatever this file holds.
-    assert [d["kind"] for d in kubernetes_documents()] == ["Deployment"]
+    kinds = [d["kind"] for d in kubernetes_documents()]
+    assert "Secret" not in kinds
+    assert sorted(kinds) == ["Deployment", "Service", "StatefulSet"]  # the app, its Redis
 
 
 def kubectl_secret_commands() -> list[list[str]]:

@@ -95,7 +95,7 @@ async def test_readyz_answers_ready_once_configuration_is_loaded(gateway: Client
     assert await resp.json() == {
         "code": 200,
         "message": "ready",
-        "data": {"status": "ready", "tenants": 3},
+        "data": {"status": "ready", "tenants": 3, "state": "ok"},
     }
 
 

@@ -14,9 +14,11 @@ from aiohttp import ClientResponse, web
 from proxy import cli
 from proxy.app import create_app
 from proxy.appkeys import LIMITER
-from proxy.config import parse_settings
+from proxy.config import Settings, parse_settings
 from proxy.errors import TooManyRequests
-from proxy.limits import Limiter, TenantPolicy, TokenBucket
+from proxy.limits import SLOT_TTL, Limiter, TenantPolicy
+from proxy.state import MemoryState
+from proxy.state.fallback import ResilientState
 from proxy.tenants import Limits, Tenant, load_registry
 from tests.conftest import (
     CREDS_A,
@@ -31,18 +33,9 @@ from tests.conftest import (
     make_tenant,
 )
 from tests.processes import HELD_ACTION, HELD_PATH, Gate, free_port, tenant_entry, write_tenants
+from tests.state_fakes import FakeClock
 
 TASK_LIST = "/openapi/aiagent/task/list"
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def task_list(client: Client, key: str) -> ClientResponse:
@@ -61,19 +54,9 @@ def tenant_a(upstream: Upstream, limits: Limits | None = None) -> Tenant:
 # --- the bucket and the policy ---------------------------------------------------------------
 
 
-def test_bucket_grants_its_burst_then_says_how_long_to_wait() -> None:
-    bucket = TokenBucket(rate=2.0, burst=3, tokens=3.0, updated=0.0)
-    assert [bucket.take(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
-    assert bucket.take(0.0) == pytest.approx(0.5)
-
-
-def test_bucket_refills_at_its_rate_but_never_beyond_its_burst() -> None:
-    bucket = TokenBucket(rate=2.0, burst=2, tokens=0.0, updated=0.0)
-    assert bucket.take(0.5) == 0.0
-    assert bucket.take(0.5) == pytest.approx(0.5)
-    assert bucket.take(100.0) == 0.0
-    assert bucket.take(100.0) == 0.0
-    assert bucket.take(100.0) > 0
+def limiter_of(settings: Settings, clock: FakeClock | None = None) -> Limiter:
+    """A limiter on a fresh memory backend."""
+    return Limiter(settings, ResilientState(MemoryState()), clock or FakeClock())
 
 
 def test_tenant_override_beats_the_global_limit() -> None:
@@ -86,9 +69,9 @@ def test_tenant_override_beats_the_global_limit() -> None:
     assert TenantPolicy.of(default, settings) == TenantPolicy(10.0, 20, 5)
 
 
-def take(limiter: Limiter, tenant: Tenant) -> None:
+async def take(limiter: Limiter, tenant: Tenant) -> None:
     """One request's worth of the limiter: a token, and a slot given straight back."""
-    with limiter.admit(tenant):
+    async with limiter.admit(tenant):
         pass
 
 
@@ -98,49 +81,106 @@ def test_burst_defaults_to_the_rate_rounded_up_and_at_least_one(rps: str, burst:
     assert TenantPolicy.of(tenant, make_settings(RATE_LIMIT_RPS=rps)).burst == burst
 
 
-def test_limits_are_off_by_default() -> None:
-    limiter = Limiter(make_settings())
+async def test_limits_are_off_by_default() -> None:
+    limiter = limiter_of(make_settings())
     tenant = make_tenant("t", KEY_A, "http://x", CREDS_A)
     for _ in range(1000):
-        take(limiter, tenant)
-    with limiter.admit(tenant), limiter.admit(tenant), limiter.admit(tenant):
+        await take(limiter, tenant)
+    async with limiter.admit(tenant), limiter.admit(tenant), limiter.admit(tenant):
         pass
 
 
-@pytest.mark.parametrize(("rps", "retry_after"), [(0.4, 3), (1.0, 1), (0.3, 4), (5.0, 1)])
-def test_retry_after_is_the_wait_in_seconds_rounded_up(rps: float, retry_after: int) -> None:
+async def test_burst_is_granted_then_the_bucket_refills_at_its_rate() -> None:
     clock = FakeClock()
-    limiter = Limiter(make_settings(), clock)
+    limiter = limiter_of(make_settings(RATE_LIMIT_RPS="2", RATE_LIMIT_BURST="3"), clock)
+    tenant = make_tenant("t", KEY_A, "http://x", CREDS_A)
+    for _ in range(3):
+        await take(limiter, tenant)
+    with pytest.raises(TooManyRequests):
+        await take(limiter, tenant)
+    clock.now += 0.5
+    await take(limiter, tenant)
+    clock.now += 100.0
+    for _ in range(3):
+        await take(limiter, tenant)
+    with pytest.raises(TooManyRequests):
+        await take(limiter, tenant)
+
+
+@pytest.mark.parametrize(("rps", "retry_after"), [(0.4, 3), (1.0, 1), (0.3, 4), (5.0, 1)])
+async def test_retry_after_is_the_wait_in_seconds_rounded_up(rps: float, retry_after: int) -> None:
+    limiter = limiter_of(make_settings())
     tenant = make_tenant("t", KEY_A, "http://x", CREDS_A, limits=Limits(rps, 1))
-    take(limiter, tenant)
+    await take(limiter, tenant)
     with pytest.raises(TooManyRequests) as refused:
-        take(limiter, tenant)
+        await take(limiter, tenant)
     assert refused.value.code == "RATE_LIMITED"
     assert refused.value.headers() == {"Retry-After": str(retry_after)}
 
 
-def test_limiter_grants_again_once_the_wait_has_passed() -> None:
+async def test_limiter_grants_again_once_the_wait_has_passed() -> None:
     clock = FakeClock()
-    limiter = Limiter(make_settings(RATE_LIMIT_RPS="0.5"), clock)
+    limiter = limiter_of(make_settings(RATE_LIMIT_RPS="0.5"), clock)
     tenant = make_tenant("t", KEY_A, "http://x", CREDS_A)
-    take(limiter, tenant)
+    await take(limiter, tenant)
     with pytest.raises(TooManyRequests):
-        take(limiter, tenant)
+        await take(limiter, tenant)
     clock.now += 1.5  # binary fractions: the sums below are exact
     with pytest.raises(TooManyRequests):
-        take(limiter, tenant)
+        await take(limiter, tenant)
     clock.now += 0.5
-    take(limiter, tenant)
+    await take(limiter, tenant)
 
 
-def test_slot_is_given_back_when_the_request_fails() -> None:
-    limiter = Limiter(make_settings(MAX_INFLIGHT_PER_TENANT="1"))
+async def test_slot_is_given_back_when_the_request_fails() -> None:
+    limiter = limiter_of(make_settings(MAX_INFLIGHT_PER_TENANT="1"))
     tenant = make_tenant("t", KEY_A, "http://x", CREDS_A)
-    with pytest.raises(RuntimeError), limiter.admit(tenant):
-        raise RuntimeError("handler failed")
-    with limiter.admit(tenant), pytest.raises(TooManyRequests) as refused, limiter.admit(tenant):
-        pass
+    with pytest.raises(RuntimeError):
+        async with limiter.admit(tenant):
+            raise RuntimeError("handler failed")
+    async with limiter.admit(tenant):
+        with pytest.raises(TooManyRequests) as refused:
+            await take(limiter, tenant)
     assert refused.value.code == "TENANT_BUSY"
+
+
+async def test_a_busy_tenant_spends_no_token() -> None:
+    limiter = limiter_of(make_settings(RATE_LIMIT_RPS="1", MAX_INFLIGHT_PER_TENANT="1"))
+    tenant = make_tenant("t", KEY_A, "http://x", CREDS_A)
+    async with limiter.admit(tenant):
+        with pytest.raises(TooManyRequests) as refused:
+            await take(limiter, tenant)
+    assert refused.value.code == "TENANT_BUSY"
+
+
+async def test_limits_of_two_processes_on_one_backend_are_one_limit() -> None:
+    shared, clock = MemoryState(), FakeClock()
+    settings = make_settings(RATE_LIMIT_RPS="1", RATE_LIMIT_BURST="2", MAX_INFLIGHT_PER_TENANT="1")
+    one, two = (Limiter(settings, ResilientState(shared), clock) for _ in range(2))
+    tenant = make_tenant("t", KEY_A, "http://x", CREDS_A)
+    async with one.admit(tenant):
+        with pytest.raises(TooManyRequests) as busy:
+            await take(two, tenant)
+    assert busy.value.code == "TENANT_BUSY"
+    await take(two, tenant)
+    with pytest.raises(TooManyRequests) as limited:
+        await take(one, tenant)
+    assert limited.value.code == "RATE_LIMITED"
+
+
+async def test_a_held_slot_is_renewed_and_a_dead_holders_slot_lapses() -> None:
+    shared, clock = MemoryState(), FakeClock()
+    settings = make_settings(MAX_INFLIGHT_PER_TENANT="1")
+    alive, other = (Limiter(settings, ResilientState(shared), clock) for _ in range(2))
+    tenant = make_tenant("t", KEY_A, "http://x", CREDS_A)
+    async with alive.admit(tenant):
+        for _ in range(4):  # 40 s in all, renewed every 10 s: still held
+            clock.now += SLOT_TTL / 2
+            await alive.renew_slots()
+        with pytest.raises(TooManyRequests):
+            await take(other, tenant)
+        clock.now += SLOT_TTL  # no renewal, as if the holder had died: the slot lapses
+        await take(other, tenant)
 
 
 # --- through the gateway ---------------------------------------------------------------------

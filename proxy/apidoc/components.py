@@ -216,6 +216,7 @@ USAGE_DAY: Final = obj(
         "byStatus": obj({"2xx": COUNT, "4xx": COUNT, "5xx": COUNT}, "2xx", "4xx", "5xx"),
         "numbersAppended": COUNT,
         "numbersFailed": COUNT,
+        "upstreamErrors": COUNT,
     },
     "date",
     "requests",

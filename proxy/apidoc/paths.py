@@ -72,7 +72,7 @@ USAGE: Final = operation(
     "getUsage",
     "The caller's own usage per day and its quotas",
     {"200": answer("Usage, newest day first", ref("schemas", "UsageAnswer"), *RATE_HEADERS)}
-    | errors(400, *TENANT_ERRORS),
+    | errors(400, *TENANT_ERRORS, 503),
     parameters=[ref("parameters", "UsageDays")],
     security=KEY_SECURITY,
     tags=["gateway"],
@@ -227,6 +227,7 @@ PATHS: Final[JSON] = {
     "/api/openapi/status": {"get": STATUS},
     "/api/openapi/keys": {"get": KEYS},
     "/api/openapi/append-numbers": {"post": APPEND},
+    "/api/openapi/usage": {"get": USAGE},
     "/api/openapi/spec.json": {"get": SPEC},
     "/healthz": {"get": HEALTHZ},
     "/readyz": {"get": READYZ},
@@ -234,5 +235,3 @@ PATHS: Final[JSON] = {
     **{path: {"post": known(path, action)} for path, action in KNOWN_ACTIONS.items()},
     "/openapi/{path}": {method: forward(method) for method in FORWARD_METHODS},
 }
-# Written ahead of their routes: the route test names them when the route appears.
-PREPARED: Final = {("/api/openapi/usage", "get"): "USAGE"}

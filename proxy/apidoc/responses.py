@@ -19,6 +19,7 @@ ERROR_CODES: Final[dict[str, tuple[int, str]]] = {
     "INVALID_PATH": (400, "a path with dot, empty or encoded-slash segments"),
     "INVALID_IDEMPOTENCY_KEY": (400, "an `Idempotency-Key` longer than 255 characters"),
     "INCOMPLETE_BODY": (400, "the body was cut off before its end"),
+    "INVALID_DAYS": (400, "usage `days` that is not a whole number from 1 to 90"),
     "MISSING_API_KEY": (401, "no API key given"),
     "INVALID_API_KEY": (
         403,
@@ -47,7 +48,10 @@ ERROR_CODES: Final[dict[str, tuple[int, str]]] = {
     "UPSTREAM_UNAVAILABLE": (502, "nxlink could not be reached"),
     "UPSTREAM_ERROR": (502, "nxlink's answer was broken"),
     "NOT_READY": (503, "configuration not loaded yet, or draining for shutdown"),
-    "STATE_UNAVAILABLE": (503, "an Idempotency-Key request while the state backend is unreachable"),
+    "STATE_UNAVAILABLE": (
+        503,
+        "an Idempotency-Key request, or a usage read, while the state backend is unreachable",
+    ),
     "UPSTREAM_TIMEOUT": (504, "no answer head from nxlink within `UPSTREAM_TIMEOUT`"),
 }
 # The first release answered a reused key with 409: clients may still see either.

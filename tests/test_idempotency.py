@@ -1,0 +1,189 @@
+"""Idempotency-Key runs over the state journal: takeover after an owner died, a lost claim,
+the backend down, a client that leaves mid-run, and the wait for a run in progress."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy.app import create_app
+from proxy.appkeys import STATE
+from proxy.idempotency import OUTCOME_UNKNOWN, journal_key
+from proxy.nxlink import APPEND_PATH
+from proxy.state import MemoryState, StateBackend
+from proxy.tenants import Registry, Tenant
+from tests.conftest import CREDS_A, KEY_A, Client, Upstream, make_settings, make_tenant
+from tests.holding_nxlink import HoldingNxlink
+from tests.processes import eventually
+from tests.state_fakes import SwitchableState
+
+URL = "/api/openapi/append-numbers"
+AiohttpClient = Callable[[web.Application], Awaitable[Client]]
+PHONES = [f"1390000{i:04d}" for i in range(6)]
+BODY = json.dumps({"taskId": "t", "phoneNumbers": PHONES}).encode()
+
+
+async def gateway_on(
+    aiohttp_client: AiohttpClient, backend: StateBackend, tenant: Tenant, **env: str
+) -> Client:
+    settings = make_settings(APPEND_BATCH_SIZE="2", APPEND_CONCURRENCY="1", **env)
+    app = create_app(settings, Registry([tenant]), open_backend=lambda _url: backend)
+    return await aiohttp_client(app)
+
+
+async def append(client: Client, key: str | None = "run-1", body: bytes = BODY) -> Any:
+    headers = {"x-api-key": KEY_A, "Content-Type": "application/json"}
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    response = await client.post(URL, data=body, headers=headers)
+    return response.status, dict(response.headers), await response.json()
+
+
+def sent_numbers(upstream: Upstream) -> list[str]:
+    bodies = [json.loads(r.body) for r in upstream.received if r.path == APPEND_PATH]
+    return [item["phoneNumber"] for body in bodies for item in body["list"]]
+
+
+async def dead_owners_journal(tenant: Tenant) -> MemoryState:
+    """A backend where an owner claimed run-1, finished batch 0, sent batch 1, and died."""
+    backend, key = MemoryState(), journal_key(tenant.id, "run-1")
+    then = time.time() - 60
+    await backend.claim(key, hashlib.sha256(BODY).hexdigest(), "dead", 1.0, 3600, then)
+    intent0 = {"positions": [0, 1], "contactIds": ["c0", "c1"]}
+    await backend.record_intent(key, "dead", 0, json.dumps(intent0).encode(), then)
+    outcome = [
+        {"phoneNumber": p, "success": True, "contactId": c}
+        for p, c in [(PHONES[0], "c0"), (PHONES[1], "c1")]
+    ]
+    await backend.record_outcome(key, 0, json.dumps(outcome).encode())
+    intent1 = {"positions": [2, 3], "contactIds": ["c2", "c3"]}
+    await backend.record_intent(key, "dead", 1, json.dumps(intent1).encode(), then)
+    return backend
+
+
+async def test_a_takeover_reuses_outcomes_sends_the_rest_and_resends_no_unknown_batch(
+    aiohttp_client: AiohttpClient, upstream: Upstream
+) -> None:
+    tenant = make_tenant("tenant-a", KEY_A, upstream.base_url, CREDS_A)
+    client = await gateway_on(aiohttp_client, await dead_owners_journal(tenant), tenant)
+    status, _headers, body = await append(client)
+    assert status == 200
+    assert sent_numbers(upstream) == PHONES[4:]
+    results = body["data"]["results"]
+    assert [r["success"] for r in results] == [True, True, False, False, True, True]
+    assert [r["contactId"] for r in results[:4]] == ["c0", "c1", "c2", "c3"]
+    assert {r["error"] for r in results[2:4]} == {OUTCOME_UNKNOWN}
+    assert OUTCOME_UNKNOWN.startswith("OUTCOME_UNKNOWN: ") and "call/list" in OUTCOME_UNKNOWN
+    assert body["data"]["unknownCount"] == 2
+    again = await append(client)
+    assert again[1]["Idempotent-Replayed"] == "true" and again[2] == body
+    assert sent_numbers(upstream) == PHONES[4:]
+
+
+class LosingState(MemoryState):
+    """A backend on which every claim is lost as soon as a batch is about to be sent."""
+
+    async def record_intent(
+        self, key: str, owner: str, batch: int, intent: bytes, now: float
+    ) -> bool:
+        return False
+
+
+async def test_no_batch_is_sent_once_record_intent_says_the_claim_is_lost(
+    aiohttp_client: AiohttpClient, upstream: Upstream
+) -> None:
+    tenant = make_tenant("tenant-a", KEY_A, upstream.base_url, CREDS_A)
+    client = await gateway_on(aiohttp_client, LosingState(), tenant)
+    status, headers, body = await append(client)
+    assert (status, body["error"]) == (409, "IDEMPOTENCY_IN_PROGRESS")
+    assert "Retry-After" in headers
+    assert sent_numbers(upstream) == []
+
+
+async def test_with_the_backend_down_a_keyed_request_is_503_and_a_plain_one_goes_on(
+    aiohttp_client: AiohttpClient, upstream: Upstream
+) -> None:
+    backend = SwitchableState()
+    tenant = make_tenant("tenant-a", KEY_A, upstream.base_url, CREDS_A)
+    client = await gateway_on(aiohttp_client, backend, tenant)
+    backend.down = True
+    status, headers, body = await append(client)
+    assert (status, body["error"]) == (503, "STATE_UNAVAILABLE")
+    assert "Retry-After" in headers
+    assert sent_numbers(upstream) == []
+    status, _headers, body = await append(client, key=None)
+    assert status == 200 and body["data"]["successCount"] == 6
+
+
+async def test_a_repeat_waits_up_to_idempotency_wait_then_409_in_progress(
+    aiohttp_client: AiohttpClient, upstream: Upstream
+) -> None:
+    tenant = make_tenant("tenant-a", KEY_A, upstream.base_url, CREDS_A)
+    backend = MemoryState()
+    key = journal_key(tenant.id, "run-1")
+    await backend.claim(key, hashlib.sha256(BODY).hexdigest(), "alive", 60, 3600, time.time())
+    client = await gateway_on(aiohttp_client, backend, tenant, IDEMPOTENCY_WAIT="0.3")
+    status, headers, body = await append(client)
+    assert (status, body["error"]) == (409, "IDEMPOTENCY_IN_PROGRESS")
+    assert headers["Retry-After"] == "15"
+    assert sent_numbers(upstream) == []
+    other = await append(client, body=BODY.replace(b'"t"', b'"u"'))
+    assert (other[0], other[2]["error"]) == (422, "IDEMPOTENCY_KEY_REUSED")
+
+
+async def left_mid_run(
+    aiohttp_client: AiohttpClient, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> tuple[Client, HoldingNxlink, SwitchableState]:
+    """A keyed append whose client went away while nxlink holds its third batch."""
+    nxlink = HoldingNxlink(CREDS_A, hold={PHONES[2]})
+    server = await aiohttp_server(nxlink.app())
+    tenant = make_tenant("tenant-a", KEY_A, str(server.make_url("")).rstrip("/"), CREDS_A)
+    backend = SwitchableState()
+    client = await gateway_on(aiohttp_client, backend, tenant)
+    request = asyncio.create_task(append(client))
+    async with asyncio.timeout(10):
+        await nxlink.holding.wait()
+    request.cancel()
+    await asyncio.gather(request, return_exceptions=True)
+    return client, nxlink, backend
+
+
+async def test_a_client_that_leaves_does_not_cut_the_run(
+    aiohttp_client: AiohttpClient, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    client, nxlink, backend = await left_mid_run(aiohttp_client, aiohttp_server)
+    nxlink.release.set()
+    await eventually(lambda: _has(backend, "complete"), what="the run to finish on its own")
+    status, headers, body = await append(client)
+    assert status == 200 and headers["Idempotent-Replayed"] == "true"
+    assert nxlink.received == PHONES
+    assert body["data"]["successCount"] == 6
+
+
+async def _has(backend: SwitchableState, call: str) -> bool:
+    return call in backend.calls
+
+
+async def test_shutdown_waits_for_a_run_whose_client_left(
+    aiohttp_client: AiohttpClient, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    client, nxlink, backend = await left_mid_run(aiohttp_client, aiohttp_server)
+    closing = asyncio.create_task(client.close())  # the gateway shuts down mid-run
+    state = client.app[STATE]
+
+    async def shutting_down() -> bool:
+        return not state.ready
+
+    await eventually(shutting_down, what="the shutdown to begin")
+    nxlink.release.set()
+    async with asyncio.timeout(10):
+        await closing
+    assert nxlink.received == PHONES
+    assert "complete" in backend.calls

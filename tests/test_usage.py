@@ -1,0 +1,211 @@
+"""The usage ledger: counted in memory, flushed to the backend, read by the tenant at
+/api/openapi/usage and by the operator with ``nxlink-proxy usage``."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from aiohttp import web
+
+from proxy import cli
+from proxy.app import create_app
+from proxy.config import Quotas
+from proxy.state import MemoryState
+from proxy.state.fallback import ResilientState
+from proxy.tenants import Registry, Tenant, load_registry
+from proxy.usage import FLUSH_EVERY, UsageLedger, day_entry
+from tests.conftest import (
+    CREDS_A,
+    CREDS_B,
+    KEY_A,
+    KEY_B,
+    Client,
+    Upstream,
+    make_settings,
+    make_tenant,
+)
+from tests.processes import eventually, tenant_entry, write_tenants
+
+AiohttpClient = Callable[[web.Application], Awaitable[Client]]
+TASK_LIST = "/openapi/aiagent/task/list"
+APPEND = "/api/openapi/append-numbers"
+USAGE = "/api/openapi/usage"
+
+
+def tenants_of(upstream: Upstream) -> list[Tenant]:
+    a = make_tenant("tenant-a", KEY_A, upstream.base_url, CREDS_A)
+    return [
+        dataclasses.replace(a, quotas=Quotas(numbers_per_day=100)),
+        make_tenant("tenant-b", KEY_B, upstream.base_url, CREDS_B),
+    ]
+
+
+async def gateway_on(
+    aiohttp_client: AiohttpClient, backend: MemoryState, upstream: Upstream, **env: str
+) -> Client:
+    app = create_app(
+        make_settings(**env), Registry(tenants_of(upstream)), open_backend=lambda _url: backend
+    )
+    return await aiohttp_client(app)
+
+
+async def traffic(client: Client) -> None:
+    """Two forwards, one append of three numbers (one unusable), one 400."""
+    a = {"x-api-key": KEY_A}
+    for _ in range(2):
+        assert (await client.post(TASK_LIST, data=b"{}", headers=a)).status == 200
+    body = {"taskId": "t", "phoneNumbers": ["13800000001", "13800000002", ""]}
+    assert (await client.post(APPEND, json=body, headers=a)).status == 200
+    assert (await client.post(APPEND, data=b"{", headers=a)).status == 400
+
+
+def test_a_ledger_turns_its_counts_into_backend_counters() -> None:
+    ledger = UsageLedger(ResilientState(MemoryState()), ZoneInfo("UTC"))
+    tenant = make_tenant("t", KEY_A, "http://x", CREDS_A)
+    ledger.count_request(tenant, "callAppend", 200)
+    ledger.count_request(tenant, "callAppend", 200)
+    ledger.count_request(tenant, "taskList", 502)
+    ledger.count_numbers(tenant, 5, 1)
+    day = ledger.today()
+    assert ledger.take() == {
+        (tenant.id, day): {
+            "numbersAppended": 5,
+            "numbersFailed": 1,
+            "requests": 3,
+            "action:callAppend": 2,
+            "status:2xx": 2,
+            "action:taskList": 1,
+            "status:5xx": 1,
+            "upstreamErrors": 1,
+        }
+    }
+    assert ledger.take() == {}
+
+
+async def test_a_tenant_reads_its_own_usage_newest_day_first(
+    aiohttp_client: AiohttpClient, upstream: Upstream
+) -> None:
+    client = await gateway_on(aiohttp_client, MemoryState(), upstream)
+    await traffic(client)
+    answer = await client.get(USAGE, headers={"x-api-key": KEY_A})
+    assert answer.status == 200
+    body = await answer.json()
+    assert (body["code"], body["message"]) == (200, "Usage")
+    data = body["data"]
+    assert (data["apiKeyAlias"], data["timezone"]) == ("tenant-a", "UTC")
+    assert [q["name"] for q in data["quotas"]] == ["numbersPerDay"]
+    assert (data["quotas"][0]["used"], data["quotas"][0]["remaining"]) == (2, 98)
+    days = data["days"]
+    assert len(days) == 7
+    assert days[0]["date"] == datetime.now(ZoneInfo("UTC")).date().isoformat()
+    assert [d["date"] for d in days] == sorted((d["date"] for d in days), reverse=True)
+    assert days[0] == {
+        "date": days[0]["date"],
+        "requests": 4,
+        "byAction": {"pageCallTaskInfo": 2, "callAppend": 2},
+        "byStatus": {"2xx": 3, "4xx": 1, "5xx": 0},
+        "numbersAppended": 2,
+        "numbersFailed": 1,
+        "upstreamErrors": 0,
+    }
+    assert days[1:] == [day_entry(d["date"], {}) for d in days[1:]]
+    other = await (await client.get(USAGE, headers={"x-api-key": KEY_B})).json()
+    assert other["data"]["apiKeyAlias"] == "tenant-b" and other["data"]["quotas"] == []
+    assert other["data"]["days"][0]["requests"] == 0
+
+
+@pytest.mark.parametrize(
+    ("days", "status"), [("1", 200), ("90", 200), ("0", 400), ("91", 400), ("x", 400), ("-1", 400)]
+)
+async def test_days_is_one_to_ninety(
+    aiohttp_client: AiohttpClient, upstream: Upstream, days: str, status: int
+) -> None:
+    client = await gateway_on(aiohttp_client, MemoryState(), upstream)
+    answer = await client.get(USAGE, params={"days": days}, headers={"x-api-key": KEY_A})
+    body = await answer.json()
+    assert answer.status == status
+    if status == 200:
+        assert len(body["data"]["days"]) == int(days)
+    else:
+        assert body["error"] == "INVALID_DAYS"
+
+
+async def test_usage_needs_the_tenants_key(
+    aiohttp_client: AiohttpClient, upstream: Upstream
+) -> None:
+    client = await gateway_on(aiohttp_client, MemoryState(), upstream)
+    assert (await client.get(USAGE)).status == 401
+
+
+async def test_counts_reach_the_backend_within_two_seconds_and_on_shutdown(
+    aiohttp_client: AiohttpClient, upstream: Upstream
+) -> None:
+    backend = MemoryState()
+    client = await gateway_on(aiohttp_client, backend, upstream)
+    tenant = tenants_of(upstream)[0]
+    today = datetime.now(ZoneInfo("UTC")).date().isoformat()
+    await traffic(client)
+
+    async def flushed() -> bool:
+        return (await backend.read_usage(tenant.id, [today]))[today].get("requests") == 4
+
+    assert FLUSH_EVERY <= 2
+    await eventually(flushed, what="the periodic flush", timeout=3)
+    await client.post(TASK_LIST, data=b"{}", headers={"x-api-key": KEY_A})
+    await client.close()
+    assert (await backend.read_usage(tenant.id, [today]))[today]["requests"] == 5
+
+
+async def test_metrics_show_what_tenants_used_of_their_quotas(
+    aiohttp_client: AiohttpClient, upstream: Upstream
+) -> None:
+    client = await gateway_on(aiohttp_client, MemoryState(), upstream)
+    await traffic(client)
+    text = await (await client.get("/metrics")).text()
+    assert 'nxlink_proxy_quota_used{quota="numbersPerDay",tenant="tenant-a"} 2.0' in text
+    assert 'nxlink_proxy_quota_limit{quota="numbersPerDay",tenant="tenant-a"} 100.0' in text
+
+
+async def test_the_usage_command_reads_every_tenant_from_state_url(
+    tmp_path: Path,
+    upstream: Upstream,
+    aiohttp_client: AiohttpClient,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    entries = [
+        tenant_entry("tenant-a", KEY_A, upstream.base_url, CREDS_A, quotas={"numbersPerDay": 100}),
+        tenant_entry("tenant-b", KEY_B, upstream.base_url, CREDS_B),
+    ]
+    env = {
+        "TENANTS_FILE": str(write_tenants(tmp_path / "tenants.json", entries)),
+        "STATE_URL": f"sqlite:///{tmp_path / 'state.db'}",
+        "QUOTA_TIMEZONE": "Asia/Shanghai",
+    }
+    settings = make_settings(**env)
+    client = await aiohttp_client(create_app(settings, load_registry(env, settings)))
+    await traffic(client)
+    await client.close()
+    capsys.readouterr()
+
+    def usage(*argv: str) -> int:  # in a thread: the command runs its own event loop
+        return cli.main(["usage", *argv], environ=env)
+
+    assert await asyncio.to_thread(usage, "--json", "--days", "2") == 0
+    reports = json.loads(capsys.readouterr().out)
+    assert [r["apiKeyAlias"] for r in reports] == ["tenant-a", "tenant-b"]
+    assert reports[0]["timezone"] == "Asia/Shanghai"
+    assert reports[0]["days"][0]["requests"] == 4 and len(reports[0]["days"]) == 2
+    assert reports[0]["quotas"][0]["used"] == 2
+    assert await asyncio.to_thread(usage, "--tenant", "tenant-a") == 0
+    table = capsys.readouterr().out
+    assert table.startswith("tenant-a (days in Asia/Shanghai)")
+    assert "quota numbersPerDay: 2 of 100 used" in table
+    assert await asyncio.to_thread(usage, "--tenant", "nobody") == 1
+    assert "no tenant with alias 'nobody'" in capsys.readouterr().err

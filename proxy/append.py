@@ -42,7 +42,7 @@ from proxy.numbers import AppendCall, ContactItem, decode_json, parse_call
 from proxy.nxlink import APPEND_ACTION, APPEND_PATH, SUCCESS_CODES
 from proxy.ratelimit_headers import learn_quotas
 from proxy.state.base import Claim, ClaimStatus, JournalEntry
-from proxy.tenants import Credentials
+from proxy.tenants import Credentials, Tenant
 from proxy.upstream import Response, UpstreamClient, UpstreamRequest, json_headers
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class Sender:
     credentials: Credentials
     request_id: str
     call: AppendCall
-    tenant: str
+    tenant: Tenant
 
     async def send(self, batch: Batch) -> list[Result]:
         """All of the batch's numbers succeed, or all fail with the reason."""
@@ -88,7 +88,14 @@ class Sender:
     async def _exchange(self, body: bytes) -> tuple[int, object]:
         headers = json_headers(self.request_id)
         request = UpstreamRequest(
-            "POST", self.url, headers, APPEND_ACTION, self.credentials, body, tenant=self.tenant
+            "POST",
+            self.url,
+            headers,
+            APPEND_ACTION,
+            self.credentials,
+            body,
+            tenant=self.tenant.alias,
+            tenant_id=self.tenant.id,
         )
         async with self.client.open(request) as response:
             raw = await _read(response, self.client.timeout)
@@ -217,7 +224,7 @@ def append_job(request: web.Request, raw: bytes) -> AppendJob:
     call = parse_call(decode_json(raw), settings.append_max_numbers)
     url = build_upstream_url(tenant.base_url, APPEND_PATH, "")
     client = upstream_client(request)
-    sender = Sender(client, url, credentials, context(request).request_id, call, tenant.alias)
+    sender = Sender(client, url, credentials, context(request).request_id, call, tenant)
     size = tenant.limits.append_batch_size or settings.append_batch_size
     return AppendJob(call, sender, size, settings.append_concurrency)
 

@@ -266,7 +266,7 @@ async def handle_forward(request: web.Request) -> web.StreamResponse:
     elif request.body_exists:
         body = await read_body(request, settings.max_body_bytes, settings.upstream_timeout)
     upstream = UpstreamRequest(
-        request.method, url, headers, action, credentials, body, stream, tenant.alias
+        request.method, url, headers, action, credentials, body, stream, tenant.alias, tenant.id
     )
     sent = time.perf_counter()
     async with app[UPSTREAM].open(upstream) as answer:

@@ -21,13 +21,13 @@ from aiohttp import web
 
 from proxy.admin import AdminContext, TenantsFile, create_admin_app
 from proxy.app import create_app
-from proxy.appkeys import RELOADER, STATE, UPSTREAM
+from proxy.appkeys import BACKEND, RELOADER, STATE, UPSTREAM
 from proxy.config import ConfigError, Settings, mask_key, parse_settings
 from proxy.environment import read_environment, secret_files
 from proxy.logs import AccessLogger, setup_logging
 from proxy.reload import Loader
 from proxy.sandbox import create_sandbox_app
-from proxy.state import REACHABLE, open_state, state_report
+from proxy.state import REACHABLE, state_report
 from proxy.tenants import (
     DEMO_TENANTS,
     Credentials,
@@ -359,16 +359,14 @@ async def _start_admin(
     if settings.admin_port is None:
         return None
     validate = None if source is None else tenants_validator(settings, source)
-    state = open_state(settings.state_url)
     context = AdminContext(
         settings,
         app[STATE],
-        state,
+        app[BACKEND].shared,  # the gateway's own backend: its usage, one audit log
         lambda: app[UPSTREAM],
         TenantsFile(settings.tenants_file, validate),
     )
     admin_app = create_admin_app(context)
-    admin_app.on_cleanup.append(lambda _app: state.close())
     runner = await start_site(
         admin_app, settings.admin_host, settings.admin_port, reuse_port=reuse_port
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -1097,3 +1098,27 @@ async def test_a_wrong_key_with_undecodable_bytes_gets_the_403_envelope(gateway:
     head, _, payload = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 403")
     assert json.loads(payload)["error"] == "INVALID_API_KEY"
+
+
+async def test_two_tenants_with_one_alias_never_share_an_upstream_connection(
+    make_upstream: MakeUpstream, make_gateway: MakeGateway
+) -> None:
+    async def peer_port(request: web.Request) -> web.Response:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        return web.json_response({"port": peer[1] if peer else None})
+
+    upstream = await make_upstream(extra={"/openapi/test/peer": peer_port})
+    first = make_tenant("same-alias", KEY_A, upstream.base_url, CREDS_A)
+    second = make_tenant("same-alias", KEY_B, upstream.base_url, CREDS_B)
+    second = dataclasses.replace(second, id="another-id")
+    gateway = await make_gateway([first, second])
+
+    async def port_of(key: str) -> int:
+        headers = {"x-api-key": key, "action": "testPeer"}
+        async with gateway.get("/openapi/test/peer", headers=headers) as response:
+            assert response.status == 200
+            return int((await response.json())["port"])
+
+    a_port = await port_of(KEY_A)
+    assert await port_of(KEY_A) == a_port  # kept alive and reused for the same tenant
+    assert await port_of(KEY_B) != a_port  # never for another tenant, whatever its alias

@@ -67,7 +67,7 @@ class GatewayFetcher:
     ) -> Outcome:
         headers = [("X-Tenant", tenant)]
         request = UpstreamRequest(
-            method, url, headers, "test.call", CREDENTIALS[tenant], body, None, tenant
+            method, url, headers, "test.call", CREDENTIALS[tenant], body, None, tenant, tenant
         )
         try:
             response = await self.client.send(request)

@@ -107,7 +107,14 @@ async def probe(client: UpstreamClient, tenant: Tenant, request_id: str) -> dict
     url = URL(tenant.base_url + PROBE_PATH)
     headers = json_headers(request_id)
     call = UpstreamRequest(
-        "POST", url, headers, PROBE_ACTION, tenant.credentials, PROBE_BODY, tenant=tenant.alias
+        "POST",
+        url,
+        headers,
+        PROBE_ACTION,
+        tenant.credentials,
+        PROBE_BODY,
+        tenant=tenant.alias,
+        tenant_id=tenant.id,
     )
     started = time.perf_counter()
     try:

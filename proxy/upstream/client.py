@@ -43,7 +43,10 @@ class UpstreamRequest:
     credentials: Credentials
     body: bytes | None = None
     stream: StreamFactory | None = None
-    tenant: str = ""  # the pool key's tenant part: connections are never shared across it
+    tenant: str = ""  # the tenant's alias, as metrics label it
+    # The pool key's tenant part (the tenant's stable id): connections are never shared across
+    # it, so two tenants that happen to share an alias still never share a connection.
+    tenant_id: str = ""
 
 
 def create_pool(settings: Settings) -> Pool:
@@ -137,7 +140,7 @@ class UpstreamClient:
             body=request.body,
             stream=stream,
             deadline=deadline,
-            tenant=request.tenant,
+            tenant=request.tenant_id,
             fresh=fresh,
         )
 

@@ -3,6 +3,7 @@ and every alert has unit tests run by promtool (firing and quiet)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -14,6 +15,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.config import Quotas
 from proxy.tenants import Limits
 from tests.conftest import (
     CREDS_A,
@@ -110,7 +112,10 @@ async def exported(upstream: Upstream, make_gateway: MakeGateway) -> Exported:
     down = f"http://127.0.0.1:{free_port()}"
     client = await make_gateway(
         [
-            make_tenant("tenant-a", KEY_A, upstream.base_url, CREDS_A, limits=ONE_CALL),
+            dataclasses.replace(
+                make_tenant("tenant-a", KEY_A, upstream.base_url, CREDS_A, limits=ONE_CALL),
+                quotas=Quotas(requests_per_day=1000),  # so the quota gauges have series
+            ),
             make_tenant("tenant-b", KEY_B, down, CREDS_B),
         ]
     )
@@ -179,6 +184,8 @@ def test_alerts_cover_errors_latency_reloads_and_a_down_gateway() -> None:
         "nxlink_proxy_requests",
         "nxlink_proxy_upstream_latency_seconds",
         "nxlink_proxy_config_reloads",
+        "nxlink_proxy_quota_used",
+        "nxlink_proxy_quota_limit",
         "up",
     }
     assert all(rule["labels"]["severity"] in ("warning", "critical") for rule in alert_rules())
@@ -204,6 +211,7 @@ def test_dashboard_shows_what_an_operator_watches() -> None:
         "nxlink_proxy_limited",
         "nxlink_proxy_append_numbers",
         "nxlink_proxy_config_reloads",
+        "nxlink_proxy_quota_used",
     } <= used
     assert any("histogram_quantile(0.5," in e for e in exprs)
     assert any("histogram_quantile(0.99," in e for e in exprs)

@@ -8,7 +8,10 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Final
@@ -19,6 +22,7 @@ from bench import instructions, streaming
 from bench.instructions import have_callgrind
 from bench.load import LoadResult, have_wrk, wrk, wrk_count
 from bench.procs import LOOPBACK, GiB, bare_proxy, gateway, nginx, python_upstream, rss_kib
+from tests.redis_server import RedisServer
 
 REFERENCE_RPS: Final = 760.0
 RESULTS: Final = Path(__file__).resolve().parent / "results"
@@ -29,11 +33,17 @@ def url(port: int) -> str:
     return f"http://{LOOPBACK}:{port}{PATH}"
 
 
+# A rate limit so high that it never refuses: every request still takes a token in Redis.
+REDIS_LIMITED: Final = {"RATE_LIMIT_RPS": "1000000", "RATE_LIMIT_BURST": "1000000"}
+
+
 def throughput(args: argparse.Namespace, origin: int, proxy: int | None) -> dict[str, Any]:
     """Req/s and latency of every target, in interleaved rounds; the median round of each."""
     workers = len(os.sched_getaffinity(0))
     with (
+        redis_server() as redis_url,
         gateway(origin) as (_gw, gateway_port, _ready),
+        gateway(origin, STATE_URL=redis_url, **REDIS_LIMITED) as (_gr, redis_port, _ready_r),
         bare_proxy(origin, "session") as session_port,
         bare_proxy(origin, "http1") as http1_port,
         gateway(origin, "--workers", str(workers)) as (_gws, workers_port, _ready_n),
@@ -41,6 +51,7 @@ def throughput(args: argparse.Namespace, origin: int, proxy: int | None) -> dict
         targets = {
             "direct": origin,
             "gateway": gateway_port,
+            "gateway_redis_limited": redis_port,
             "nginx_proxy": proxy,
             "bare_aiohttp_proxy": session_port,
             "bare_http1_proxy": http1_port,
@@ -53,10 +64,23 @@ def throughput(args: argparse.Namespace, origin: int, proxy: int | None) -> dict
         for _ in range(args.rounds):
             for name, port in ports.items():
                 runs.setdefault(name, []).append(wrk(url(port), seconds=args.seconds))
-            for name in ("direct", "gateway"):  # one connection: no queueing, added latency
+            # One connection: no queueing, so the added latency shows.
+            for name in ("direct", "gateway", "gateway_redis_limited"):
                 one = wrk(url(ports[name]), connections=1, seconds=args.seconds)
                 runs.setdefault(f"{name}_1conn", []).append(one)
     return {name: asdict(median(results)) for name, results in runs.items()}
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """A throwaway redis-server on 127.0.0.1 for the rate-limited gateway; its URL."""
+    with tempfile.TemporaryDirectory(prefix="bench-redis-") as folder:
+        server = RedisServer(Path(folder))
+        server.start()
+        try:
+            yield server.url
+        finally:
+            server.stop()
 
 
 def median(results: list[LoadResult]) -> LoadResult:
@@ -153,6 +177,25 @@ def table(res: dict[str, Any]) -> list[str]:
         workers = [k for k in t if k.endswith("_workers")]
         for k in workers:
             row(f"{k} / 1 worker", f"{ratio(LoadResult(**t[k]).rps, gw.rps):.2f}x")
+    if "gateway_redis_limited" in t and "gateway" in t:
+        limited, plain = LoadResult(**t["gateway_redis_limited"]), LoadResult(**t["gateway"])
+        kept = ratio(limited.rps, plain.rps)
+        row(
+            "rate-limited through Redis / no limit, throughput",
+            f"{kept:.0%}",
+            ">= 80%",
+            kept >= 0.8,
+        )
+    if "gateway_redis_limited_1conn" in t:
+        limited = LoadResult(**t["gateway_redis_limited_1conn"])
+        plain = LoadResult(**t["gateway_1conn"])
+        more = limited.p50_ms - plain.p50_ms
+        row(
+            "rate limit through Redis: p50 added (1 connection)",
+            f"{more:.3f} ms",
+            "<= 0.3 ms",
+            more <= 0.3,
+        )
     if "gateway_1conn" in t:
         g, d = LoadResult(**t["gateway_1conn"]), LoadResult(**t["direct_1conn"])
         row(
@@ -212,6 +255,9 @@ def table(res: dict[str, Any]) -> list[str]:
             "< 1 s",
             a["wall_s"] < 1 and complete,
         )
+    for backend, wall in a.get("journaled_wall_s", {}).items():
+        name = f"append-numbers {a['numbers']} numbers, Idempotency-Key journaled on {backend}"
+        row(name, f"{wall:.3f} s", "< 1 s", wall < 1)
     return rows
 
 

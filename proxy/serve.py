@@ -378,7 +378,10 @@ def tenants_validator(settings: Settings, source: ConfigSource) -> Callable[[Any
     """Checks a tenants document as start-up would, with the environment as it is now."""
 
     def validate(document: Any) -> Registry:
-        return load_registry(read_environment(*source), settings, document=document)
+        registry = load_registry(read_environment(*source), settings, document=document)
+        # As a reload would refuse it: a file every process then refuses must not be written.
+        refuse_placeholders(registry.placeholders)
+        return registry
 
     return validate
 

@@ -90,7 +90,10 @@ class CertificateWatcher:
         return file_stamp(self.pair.cert), file_stamp(self.pair.key)
 
     def reload(self) -> bool:
-        """Check the files' pair on a scratch context first, then load it into the live one."""
+        """Check the files' pair on a scratch context first, then load it into the live one.
+
+        Call it on the event loop's thread: the live context is changed in two steps
+        (certificate, then key), and no handshake may run between them."""
         try:
             # A failed load can leave a context half-changed (a new certificate, no key).
             server_context(self.pair)
@@ -111,7 +114,7 @@ class CertificateWatcher:
             current = self._current()
             if current != self._stamps:
                 self._stamps = current
-                await asyncio.to_thread(self.reload)
+                self.reload()  # a few milliseconds, on the loop: see reload()
 
 
 @contextlib.asynccontextmanager

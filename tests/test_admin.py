@@ -13,10 +13,14 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from proxy.admin.store import etag_of
+from proxy.config import ConfigError
 from proxy.logs import JsonFormatter
+from proxy.serve import tenants_validator
 from proxy.tenants import derived_id
 from tests.admin_setup import ADMIN_TOKEN, AUTH, ENV_KEY, Admin, Client, start_admin
-from tests.conftest import CREDS_A, CREDS_B, KEY_A, KEY_B, Upstream
+from tests.conftest import CREDS_A, CREDS_B, KEY_A, KEY_B, Upstream, make_settings
+from tests.processes import tenant_entry
 
 ClientFor = Callable[[web.Application], Awaitable[Client]]
 NEW_TENANT = {
@@ -515,3 +519,43 @@ async def test_a_chunked_body_over_the_bound_is_refused_and_audited(admin: Admin
     assert response.status == 413 and (await response.json())["error"] == "PAYLOAD_TOO_LARGE"
     _, doc, _ = await call(admin, "GET", "/audit")
     assert doc["data"]["entries"][0]["result"] == "PAYLOAD_TOO_LARGE"
+
+
+async def test_a_read_after_another_process_wrote_the_file_shows_that_version(
+    admin: Admin, upstream: Upstream
+) -> None:
+    assert admin.path is not None
+    entries = admin.file()
+    items = entries["keys"] if isinstance(entries, dict) else entries
+    items.append(
+        tenant_entry("elsewhere", "elsewhere-key-0123456789", upstream.base_url, CREDS_A, id="ext")
+    )
+    data = json.dumps(entries).encode()
+    scratch = admin.path.with_suffix(".other")
+    scratch.write_bytes(data)
+    scratch.replace(admin.path)  # as another worker's admin would, before our poll sees it
+    status, doc, headers = await call(admin, "GET", "/tenants")
+    assert status == 200
+    assert "ext" in [t["id"] for t in doc["data"]["tenants"]]
+    assert headers["ETag"] == etag_of(data)  # data and version from the same bytes
+    status, _, _ = await call(admin, "GET", "/tenants/ext")
+    assert status == 200
+
+
+def test_the_serving_validator_refuses_a_placeholder_the_reload_would_refuse(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "tenants.json"
+    path.write_text("[]", encoding="utf-8")
+    settings = make_settings(TENANTS_FILE=str(path))
+    validate = tenants_validator(settings, ({"ENV_FILE": "/dev/null"}, {}))
+    entry = tenant_entry("shop", "shop-key-0123456789", "http://127.0.0.1:9", CREDS_A)
+    entry["openapi"]["accessSecret"] = "replace-with-access-secret-1"
+    with pytest.raises(ConfigError) as caught:
+        validate([entry])
+    assert any("placeholder" in problem for problem in caught.value.problems)
+
+
+async def test_a_count_in_other_digits_is_a_400_not_a_500(admin: Admin) -> None:
+    status, doc, _ = await call(admin, "GET", "/audit?limit=²")
+    assert status == 400, doc

@@ -27,6 +27,8 @@ class AdminContext:
     tenants_file: TenantsFile
     # Writes of this process one at a time, so registries are swapped in the files' order.
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The version of the tenants file the live registry was last brought up to by the admin.
+    seen: list[str | None] = field(default_factory=lambda: [None])
 
 
 ADMIN: Final = web.AppKey("admin", AdminContext)

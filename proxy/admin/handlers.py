@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from proxy.admin.audit import audited, note
-from proxy.admin.context import admin_context
+from proxy.admin.context import AdminContext, admin_context
 from proxy.admin.edits import (
     CREATE_FIELDS,
     PATCH_FIELDS,
@@ -29,19 +29,32 @@ from proxy.tenants import Registry, Tenant
 
 async def handle_list(request: web.Request) -> web.Response:
     """Every tenant, with the tenants file's version as the ETag."""
-    ctx = admin_context(request)
+    registry, etag = await current(request)
     now = datetime.now(UTC)
-    tenants = [tenant_view(t, now) for t in ctx.gateway.registry.tenants]
-    etag = await asyncio.to_thread(ctx.tenants_file.etag)
+    tenants = [tenant_view(t, now) for t in registry.tenants]
     return envelope(200, "Tenants", {"tenants": tenants, "total": len(tenants)}, etag=etag)
 
 
 async def handle_get(request: web.Request) -> web.Response:
     """One tenant."""
-    ctx = admin_context(request)
-    tenant = find_tenant(ctx.gateway.registry, request.match_info["id"])
-    etag = await asyncio.to_thread(ctx.tenants_file.etag)
+    registry, etag = await current(request)
+    tenant = find_tenant(registry, request.match_info["id"])
     return envelope(200, "Tenant", tenant_view(tenant, datetime.now(UTC)), etag=etag)
+
+
+async def current(request: web.Request) -> tuple[Registry, str | None]:
+    """The registry as of the tenants file now, and that file's version.
+
+    Another process may have written the file since this one last reloaded it (its poll runs
+    every 2 s): an answer whose data and ETag came from two versions would let a write with
+    that ETag undo the other process's change. So the file is read, and if it changed, checked
+    and swapped in here first (as the reload would, a moment later)."""
+    ctx = admin_context(request)
+    async with ctx.write_lock:
+        etag, registry = await asyncio.to_thread(ctx.tenants_file.snapshot)
+        if registry is not None and etag != ctx.seen[0]:
+            ctx.gateway.registry, ctx.seen[0] = registry, etag
+    return ctx.gateway.registry, etag
 
 
 @audited("tenant.create")
@@ -63,7 +76,7 @@ async def handle_create(request: web.Request) -> web.Response:
 @audited("tenant.update")
 async def handle_patch(request: web.Request) -> web.Response:
     """Change some of a tenant's fields."""
-    tenant = editable_tenant(request)
+    tenant = await editable_tenant(request)
     body = check_body(await read_json(request), PATCH_FIELDS, create=False)
     written = await write(request, patch_edit(tenant.id, body))
     changed = find_tenant(written.registry, tenant.id)
@@ -75,7 +88,7 @@ async def handle_patch(request: web.Request) -> web.Response:
 @audited("tenant.delete")
 async def handle_delete(request: web.Request) -> web.Response:
     """Remove a tenant: its keys stop working."""
-    tenant = editable_tenant(request)
+    tenant = await editable_tenant(request)
     written = await write(request, delete_edit(tenant.id))
     return envelope(200, "Tenant deleted", {"id": tenant.id}, etag=written.etag)
 
@@ -83,7 +96,7 @@ async def handle_delete(request: web.Request) -> web.Response:
 @audited("key.rotate")
 async def handle_rotate(request: web.Request) -> web.Response:
     """A new key for the tenant; the others end after ``graceSeconds``."""
-    tenant = editable_tenant(request)
+    tenant = await editable_tenant(request)
     grace = check_grace(await read_json(request, optional=True))
     written = await write(request, rotate_edit(tenant.id, grace, datetime.now(UTC)))
     view = tenant_view(find_tenant(written.registry, tenant.id), datetime.now(UTC))
@@ -94,7 +107,7 @@ async def handle_rotate(request: web.Request) -> web.Response:
 @audited("key.revoke")
 async def handle_revoke(request: web.Request) -> web.Response:
     """Remove one of the tenant's keys now."""
-    tenant = editable_tenant(request)
+    tenant = await editable_tenant(request)
     key_id = request.match_info["keyId"]
     if all(key.id != key_id for key in tenant.keys):
         raise NotFound(f"Tenant {tenant.id} has no key {key_id}", error="KEY_NOT_FOUND")
@@ -111,10 +124,11 @@ def find_tenant(registry: Registry, tenant_id: str) -> Tenant:
     raise NotFound(f"No tenant with id {tenant_id}", error="TENANT_NOT_FOUND")
 
 
-def editable_tenant(request: web.Request) -> Tenant:
+async def editable_tenant(request: web.Request) -> Tenant:
     """The tenant a write names, noted for the audit; 409 ``READ_ONLY_TENANT`` unless it
     comes from the tenants file."""
-    tenant = find_tenant(admin_context(request).gateway.registry, request.match_info["id"])
+    registry, _etag = await current(request)
+    tenant = find_tenant(registry, request.match_info["id"])
     note(request).alias = tenant.alias
     kind = source_kind(tenant)
     if kind == "env":
@@ -141,7 +155,13 @@ async def write(request: web.Request, edit: Edit) -> Written:
     watching the file reload it on their next poll)."""
     ctx = admin_context(request)
     if_match = request.headers.get("If-Match")
+    # Shielded: once the file is being written, a client that leaves must not stop this process
+    # from serving what the file now says (the audit then records the real outcome too).
+    return await asyncio.shield(_write(ctx, edit, if_match))
+
+
+async def _write(ctx: AdminContext, edit: Edit, if_match: str | None) -> Written:
     async with ctx.write_lock:
         written = await asyncio.to_thread(ctx.tenants_file.change, edit, if_match)
-        ctx.gateway.registry = written.registry
+        ctx.gateway.registry, ctx.seen[0] = written.registry, written.etag
     return written

@@ -89,6 +89,22 @@ class TenantsFile:
         except OSError:
             return None
 
+    def snapshot(self) -> tuple[str | None, Registry | None]:
+        """The file's version and the registry it gives (None when it cannot be read or
+        checked); blocking (run it in a thread)."""
+        if self.path is None:
+            return None, None
+        try:
+            data = self.path.read_bytes()
+        except OSError:
+            return None, None
+        if self.validate is None:
+            return etag_of(data), None
+        try:
+            return etag_of(data), self.validate(json.loads(data))
+        except (ValueError, ConfigError):
+            return etag_of(data), None
+
     def change(self, edit: Edit, if_match: str | None = None) -> Written:
         """Apply ``edit`` to the file's tenants under the lock; blocking (run it in a thread)."""
         reason = self.read_only_reason()

@@ -40,7 +40,7 @@ def int_param(request: web.Request, name: str, default: int, low: int, high: int
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
         problem = f"{name}: must be a whole number from {low} to {high}"
         raise RequestError(problem, error="INVALID_REQUEST", errors=[problem])
     return int(raw)

@@ -21,8 +21,13 @@ class ApiError extends Error {
   }
 }
 
+// The tenants file's version (ETag) of the last answer: an edit is sent with If-Match, so
+// that it cannot undo a change made meanwhile (in another tab, by another operator).
+let fileVersion = null;
+
 async function api(method, path, body) {
   const headers = { Authorization: `Bearer ${sessionStorage.getItem(TOKEN_KEY) || ""}` };
+  if (method === "PATCH" && fileVersion) headers["If-Match"] = fileVersion;
   const init = { method, headers };
   if (body !== undefined) {
     headers["Content-Type"] = "application/json";
@@ -35,6 +40,7 @@ async function api(method, path, body) {
     throw new ApiError(0, { message: `Cannot reach the admin API (${err.message})` });
   }
   const doc = await response.json().catch(() => null);
+  if (response.headers.get("ETag")) fileVersion = response.headers.get("ETag");
   if (!response.ok) {
     if (response.status === 401 || response.status === 403) signOut();
     throw new ApiError(response.status, doc);

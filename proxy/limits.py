@@ -11,7 +11,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 from proxy.config import Settings
@@ -20,6 +20,8 @@ from proxy.state.base import RateDecision
 from proxy.state.fallback import ResilientState
 from proxy.tenants import Tenant
 
+PREFETCH_SECONDS: Final = 0.005  # a backend call fetches this many seconds' worth of tokens
+SPARE_TTL: Final = 1.0  # tokens fetched but unspent this long are dropped (an idle process)
 SLOT_TTL: Final = 20.0  # a dead process's slot is free at most this long after its last renewal
 RENEW_EVERY: Final = 5.0
 
@@ -38,6 +40,21 @@ class TenantPolicy:
         burst = tenant.limits.rate_limit_burst or settings.rate_limit_burst
         inflight = tenant.limits.max_inflight or settings.max_inflight_per_tenant
         return cls(rate, burst or max(1, math.ceil(rate or 1)), inflight)
+
+
+@dataclass(slots=True)
+class Spare:
+    """Tokens this process took from a bucket ahead of use (for one tenant's current key)."""
+
+    key: str
+    tokens: int
+    expires_at: float
+    last: RateDecision  # the backend's answer that brought them
+
+
+def prefetch_count(rate: float, burst: int) -> int:
+    """Tokens to ask for at once: 1 (exact) for a slow tenant, a few hundred for a fast one."""
+    return max(1, min(burst, math.floor(rate * PREFETCH_SECONDS)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +89,7 @@ class Limiter:
         self._held: dict[str, set[str]] = {}  # slot key → the holders of this process
         self._holder = f"{os.getpid()}-{secrets.token_hex(4)}-"
         self._serial = itertools.count()
+        self._spare: dict[str, Spare] = {}  # tenant id → its prefetched tokens
 
     def free(self, tenant: Tenant) -> bool:
         """True when no limit and no quota applies to ``tenant``: the common case, decided
@@ -108,20 +126,43 @@ class Limiter:
                 await self._release(slot_key(tenant), holder)
 
     async def _take(self, tenant: Tenant, policy: TenantPolicy) -> RateDecision | None:
-        """Spend one token of the tenant's bucket or raise 429 ``RATE_LIMITED``."""
+        """Spend one token of the tenant's bucket or raise 429 ``RATE_LIMITED``.
+
+        Tokens are taken from the shared bucket before they are spent, never after: a process
+        holds at most ``prefetch_count - 1`` spare ones, which the others cannot have meanwhile
+        (the under-admission bound), and drops them after ``SPARE_TTL``."""
         rate = policy.rate
         if rate is None:
             return None
         key, now = rate_key(tenant, rate, policy.burst), self.clock()
-        decision = await self.state.shared_or_local(
-            lambda s: s.take_token(key, rate, policy.burst, now)
-        )
+        spare = self._spare.get(tenant.id)
+        if spare is not None and spare.key == key and spare.tokens and now < spare.expires_at:
+            spare.tokens -= 1
+            # Approximate: the bucket's count when they were fetched, plus what is left here.
+            return replace(spare.last, granted=1, remaining=spare.last.remaining + spare.tokens)
+        decision = await self._fetch(tenant, key, rate, policy.burst, now)
         if not decision.allowed:
             raise TooManyRequests(
                 f"Rate limit of {rate:g} requests/s exceeded for {tenant.alias}",
                 retry_after=math.ceil(decision.retry_after),
             )
         return decision
+
+    async def _fetch(
+        self, tenant: Tenant, key: str, rate: float, burst: int, now: float
+    ) -> RateDecision:
+        """Take up to ``prefetch_count`` tokens; one is spent now, the rest kept as spare."""
+        count = prefetch_count(rate, burst)
+        decision = await self.state.shared_or_local(
+            lambda s: s.take_token(key, rate, burst, now, count)
+        )
+        if decision.granted > 1:
+            spare = self._spare.get(tenant.id)
+            live = spare is not None and spare.key == key and now < spare.expires_at
+            kept = spare.tokens if spare is not None and live else 0
+            left = kept + decision.granted - 1  # concurrent fetches add up, nothing is lost
+            self._spare[tenant.id] = Spare(key, left, now + SPARE_TTL, decision)
+        return replace(decision, granted=1) if decision.granted > 1 else decision
 
     async def _acquire(self, tenant: Tenant, cap: int | None) -> str | None:
         """One of the tenant's ``cap`` in-flight slots, or 429 ``TENANT_BUSY``."""

@@ -16,7 +16,7 @@ from proxy.app import create_app
 from proxy.appkeys import LIMITER
 from proxy.config import Settings, parse_settings
 from proxy.errors import TooManyRequests
-from proxy.limits import SLOT_TTL, Limiter, TenantPolicy
+from proxy.limits import SLOT_TTL, SPARE_TTL, Limiter, TenantPolicy, prefetch_count
 from proxy.state import MemoryState
 from proxy.state.fallback import ResilientState
 from proxy.tenants import Limits, Tenant, load_registry
@@ -33,7 +33,7 @@ from tests.conftest import (
     make_tenant,
 )
 from tests.processes import HELD_ACTION, HELD_PATH, Gate, free_port, tenant_entry, write_tenants
-from tests.state_fakes import FakeClock
+from tests.state_fakes import FakeClock, SwitchableState
 
 TASK_LIST = "/openapi/aiagent/task/list"
 
@@ -151,6 +151,59 @@ async def test_a_busy_tenant_spends_no_token() -> None:
         with pytest.raises(TooManyRequests) as refused:
             await take(limiter, tenant)
     assert refused.value.code == "TENANT_BUSY"
+
+
+async def test_a_fast_tenant_prefetches_tokens_and_makes_few_backend_calls() -> None:
+    backend, clock = SwitchableState(), FakeClock()
+    settings = make_settings(RATE_LIMIT_RPS="100000", RATE_LIMIT_BURST="1000")
+    limiter = Limiter(settings, ResilientState(backend), clock)
+    tenant = make_tenant("t", KEY_A, "http://x", CREDS_A)
+    assert prefetch_count(100_000.0, 1000) == 500
+    for _ in range(1000):
+        await take(limiter, tenant)
+    assert backend.calls.count("take_token") == 2  # 1000 requests, 500 tokens a call
+    with pytest.raises(TooManyRequests):
+        await take(limiter, tenant)
+
+
+async def test_a_slow_tenant_asks_for_one_token_at_a_time() -> None:
+    assert prefetch_count(50.0, 50) == 1
+    assert prefetch_count(1e6, 7) == 7  # never more than the burst
+
+
+async def test_spare_tokens_lapse_and_a_policy_change_drops_them() -> None:
+    backend, clock = SwitchableState(), FakeClock()
+    limiter = Limiter(make_settings(), ResilientState(backend), clock)
+    fast = make_tenant("t", KEY_A, "http://x", CREDS_A, limits=Limits(100_000.0, 1000))
+    await take(limiter, fast)
+    clock.now += SPARE_TTL
+    await take(limiter, fast)
+    assert backend.calls.count("take_token") == 2  # the spare had lapsed
+    other = make_tenant("t", KEY_A, "http://x", CREDS_A, limits=Limits(100_000.0, 999))
+    await take(limiter, other)
+    assert backend.calls.count("take_token") == 3  # a new policy: a new bucket, no old spare
+
+
+async def test_two_prefetching_limiters_admit_no_more_than_burst_plus_rate_times_t() -> None:
+    shared, clock = MemoryState(), FakeClock()
+    settings = make_settings(RATE_LIMIT_RPS="20000", RATE_LIMIT_BURST="300")
+    limiters = [Limiter(settings, ResilientState(shared), clock) for _ in range(2)]
+    tenant = make_tenant("t", KEY_A, "http://x", CREDS_A)
+    admitted, ticks = 0, 2000  # 2 s of excess demand, a tick a millisecond
+
+    async def attempt(limiter: Limiter) -> int:
+        try:
+            await take(limiter, tenant)
+        except TooManyRequests:
+            return 0
+        return 1
+
+    for _ in range(ticks):
+        for _ in range(40):  # 40 a tick each: four times the rate in all
+            admitted += sum([await attempt(limiter) for limiter in limiters])
+        clock.now += 0.001
+    allowed = 300 + 20_000 * ticks / 1000
+    assert 0.9 * allowed <= admitted <= allowed
 
 
 async def test_limits_of_two_processes_on_one_backend_are_one_limit() -> None:

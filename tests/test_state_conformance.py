@@ -107,6 +107,28 @@ async def test_buckets_are_kept_per_key(backend: StateBackend) -> None:
     assert (await backend.take_token("b", 0.1, 1, NOW)).allowed
 
 
+async def test_a_take_of_several_grants_what_is_there_up_to_the_count(
+    backend: StateBackend,
+) -> None:
+    first = await backend.take_token("t", 2.0, 5, NOW, count=3)
+    assert (first.granted, first.remaining, first.allowed) == (3, 2, True)
+    partial = await backend.take_token("t", 2.0, 5, NOW, count=3)
+    assert (partial.granted, partial.remaining) == (2, 0)
+    refused = await backend.take_token("t", 2.0, 5, NOW, count=3)
+    assert (refused.granted, refused.allowed) == (0, False)
+    assert refused.retry_after == pytest.approx(0.5)
+
+
+async def test_a_take_of_several_never_exceeds_the_burst_and_refills(
+    backend: StateBackend,
+) -> None:
+    assert (await backend.take_token("t", 4.0, 5, NOW, count=100)).granted == 5
+    assert (await backend.take_token("t", 4.0, 5, NOW + 0.5, count=100)).granted == 2
+    rested = await backend.take_token("t", 4.0, 5, NOW + 1000, count=100)
+    assert (rested.granted, rested.remaining) == (5, 0)
+    assert rested.reset == pytest.approx(1.25)
+
+
 # in-flight leases
 
 
@@ -318,6 +340,15 @@ async def from_every_instance(
 async def test_concurrent_tokens_never_exceed_the_burst(open_backend: OpenBackend) -> None:
     async def take(backend: StateBackend, _n: int) -> bool:
         return (await backend.take_token("t", 0.001, 37, NOW)).allowed
+
+    assert sum(await from_every_instance(open_backend, take)) == 37
+
+
+async def test_concurrent_takes_of_several_never_exceed_the_burst(
+    open_backend: OpenBackend,
+) -> None:
+    async def take(backend: StateBackend, n: int) -> int:
+        return (await backend.take_token("t", 0.001, 37, NOW, count=1 + n % 3)).granted
 
     assert sum(await from_every_instance(open_backend, take)) == 37
 

@@ -23,17 +23,24 @@ class StateUnavailable(Exception):
 class RateDecision:
     """One token-bucket decision."""
 
-    allowed: bool
+    granted: int  # whole tokens taken by this decision (0 when refused)
     remaining: int  # whole tokens left after this decision
     retry_after: float  # seconds until a token is back (0.0 when allowed)
     reset: float  # seconds until the bucket is full again
+
+    @property
+    def allowed(self) -> bool:
+        return self.granted >= 1
 
 
 class RateLimits(Protocol):
     """Token buckets, one per key: ``rate`` tokens a second, at most ``burst`` saved up."""
 
-    async def take_token(self, key: str, rate: float, burst: int, now: float) -> RateDecision:
-        """Take one token from ``key``'s bucket (a new bucket starts full)."""
+    async def take_token(
+        self, key: str, rate: float, burst: int, now: float, count: int = 1
+    ) -> RateDecision:
+        """Take as many whole tokens as ``key``'s bucket holds, at most ``count``, in one atomic
+        step (a new bucket starts full)."""
         ...
 
 

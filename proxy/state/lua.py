@@ -19,21 +19,23 @@ local function live(run, owner, now)
 end
 """
 
-# KEYS: bucket. ARGV: rate, burst, now. A bucket left alone refills: dropping it when full
-# (plus a second of slack) is the same as keeping it.
+# KEYS: bucket. ARGV: rate, burst, now, count (as many whole tokens as there are, at most
+# count, are taken). Returns the tokens granted and the tokens left. A bucket left alone
+# refills: dropping it when full (plus a second of slack) is the same as keeping it.
 TAKE_TOKEN: Final = (
     _HELPERS
     + """
 local rate, burst, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local count = tonumber(ARGV[4])
 local saved = redis.call('HMGET', KEYS[1], 'tokens', 'updated')
 local tokens, updated = tonumber(saved[1]), tonumber(saved[2])
 if tokens == nil then tokens, updated = burst, now end
 tokens = math.min(burst, tokens + math.max(0, now - updated) * rate)
-local allowed = 0
-if tokens >= 1 then tokens, allowed = tokens - 1, 1 end
+local granted = math.max(0, math.min(count, math.floor(tokens)))
+tokens = tokens - granted
 redis.call('HSET', KEYS[1], 'tokens', fmt(tokens), 'updated', fmt(math.max(now, updated)))
 redis.call('PEXPIRE', KEYS[1], ms((burst - tokens) / rate) + 1000)
-return {allowed, fmt(tokens)}
+return {granted, fmt(tokens)}
 """
 )
 

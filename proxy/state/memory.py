@@ -65,7 +65,9 @@ class MemoryState:
 
     # rate limits
 
-    async def take_token(self, key: str, rate: float, burst: int, now: float) -> RateDecision:
+    async def take_token(
+        self, key: str, rate: float, burst: int, now: float, count: int = 1
+    ) -> RateDecision:
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = _Bucket(float(burst), now)
@@ -73,10 +75,9 @@ class MemoryState:
         # Never back in time: a caller whose clock lags (another process) must not make the
         # next caller refill the same seconds again.
         bucket.updated = max(bucket.updated, now)
-        allowed = bucket.tokens >= 1
-        if allowed:
-            bucket.tokens -= 1
-        return token_decision(allowed, bucket.tokens, rate, burst)
+        granted = tokens_granted(bucket.tokens, count)
+        bucket.tokens -= granted
+        return token_decision(granted, bucket.tokens, rate, burst)
 
     # in-flight leases
 
@@ -204,8 +205,13 @@ class MemoryState:
         return list(self._audit)[:limit]
 
 
-def token_decision(allowed: bool, tokens: float, rate: float, burst: int) -> RateDecision:
+def tokens_granted(tokens: float, count: int) -> int:
+    """The whole tokens a bucket holding ``tokens`` gives to a request for ``count``."""
+    return max(0, min(count, math.floor(tokens)))
+
+
+def token_decision(granted: int, tokens: float, rate: float, burst: int) -> RateDecision:
     """The decision for a bucket left with ``tokens`` (shared by the backends)."""
-    retry_after = 0.0 if allowed else (1 - tokens) / rate
+    retry_after = 0.0 if granted else (1 - tokens) / rate
     reset = (burst - tokens) / rate
-    return RateDecision(allowed, math.floor(tokens), retry_after, reset)
+    return RateDecision(granted, math.floor(tokens), retry_after, reset)

@@ -74,10 +74,12 @@ class RedisState:
 
     # rate limits
 
-    async def take_token(self, key: str, rate: float, burst: int, now: float) -> RateDecision:
-        args = (rate, burst, now)
-        allowed, tokens = await self._call(self._take_token([_key("bucket", key)], args))
-        return token_decision(bool(allowed), float(tokens), rate, burst)
+    async def take_token(
+        self, key: str, rate: float, burst: int, now: float, count: int = 1
+    ) -> RateDecision:
+        args = (rate, burst, now, count)
+        granted, tokens = await self._call(self._take_token([_key("bucket", key)], args))
+        return token_decision(int(granted), float(tokens), rate, burst)
 
     # in-flight leases
 

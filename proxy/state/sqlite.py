@@ -25,7 +25,7 @@ from proxy.state.base import (
     StateUnavailable,
     UsageCounts,
 )
-from proxy.state.memory import token_decision
+from proxy.state.memory import token_decision, tokens_granted
 from proxy.urls import sqlite_path
 
 T = TypeVar("T")
@@ -83,20 +83,22 @@ class SqliteState:
 
     # rate limits
 
-    async def take_token(self, key: str, rate: float, burst: int, now: float) -> RateDecision:
+    async def take_token(
+        self, key: str, rate: float, burst: int, now: float, count: int = 1
+    ) -> RateDecision:
         def take(db: Db) -> RateDecision:
             self._sweep_now_and_then(db, now)
             row = db.execute("SELECT tokens, updated FROM buckets WHERE key = ?", (key,)).fetchone()
             tokens, updated = (float(burst), now) if row is None else row
             tokens = min(burst, tokens + max(0.0, now - updated) * rate)
-            allowed = tokens >= 1
-            tokens -= 1 if allowed else 0
+            granted = tokens_granted(tokens, count)
+            tokens -= granted
             # Never back in time: a caller whose clock lags must not refill a second time.
             updated = max(now, updated)
             full_at = updated + (burst - tokens) / rate
             sql = "INSERT OR REPLACE INTO buckets VALUES (?, ?, ?, ?)"
             db.execute(sql, (key, tokens, updated, full_at))
-            return token_decision(allowed, tokens, rate, burst)
+            return token_decision(granted, tokens, rate, burst)
 
         return await self._run(take)
 

@@ -167,7 +167,8 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
         append_batch_size=reader.number("APPEND_BATCH_SIZE", int, low=1, high=10000),
         append_concurrency=reader.number("APPEND_CONCURRENCY", int, low=1, high=256),
         append_max_numbers=reader.number("APPEND_MAX_NUMBERS", int, low=1),
-        idempotency_ttl=reader.number("IDEMPOTENCY_TTL", float, low=0),
+        # At least a minute: a record must outlive the leases of the run it protects.
+        idempotency_ttl=reader.number("IDEMPOTENCY_TTL", float, low=60),
         idempotency_lease=reader.number("IDEMPOTENCY_LEASE", float, low=1, high=3600),
         idempotency_wait=reader.number("IDEMPOTENCY_WAIT", float, low=0, high=3600),
         state_url=reader.state_url("STATE_URL"),
@@ -186,6 +187,13 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
         admin_port=admin_port,
         admin_token_digest=reader.admin_token(admin_port is not None),
     )
+    if settings.workers > 1 and settings.state_url.startswith("memory:"):
+        # Each worker would keep its own limits, quotas and Idempotency-Key records.
+        reader.fail(
+            "STATE_URL",
+            "memory:// is one process's state; with WORKERS > 1 leave STATE_URL empty "
+            "(the workers share a private SQLite file) or use sqlite:/// or redis://",
+        )
     reader.raise_problems()
     return settings
 

@@ -33,12 +33,22 @@ def mask_url(url: str) -> str:
         parts = urlsplit(url)
         password = parts.password
     except ValueError:
-        return "<unparsable URL>"
-    if password is None:
+        return "<hidden: not a URL>"
+    if "@" in url and "@" not in parts.netloc:
+        # A password with an unescaped "#", "/" or "?" ends up in the path or fragment.
+        return "<hidden: a URL with unescaped characters>"
+    query = "&".join(
+        f"{name}=***" if name.lower() in ("password", "username") else item
+        for item in parts.query.split("&")
+        if item
+        for name in [item.partition("=")[0]]
+    )
+    if password is None and query == parts.query:
         return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    if password is not None:
+        user = parts.username or ""
+        parts = parts._replace(netloc=f"{user}:***@{parts.netloc.rpartition('@')[2]}")
+    return urlunsplit(parts._replace(query=query))
 
 
 def state_url_problem(url: str) -> str | None:

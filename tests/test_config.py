@@ -12,7 +12,7 @@ from proxy.config import ConfigError, Quotas, Secret, Settings, mask_key, parse_
 from proxy.environment import load_settings, read_environment
 from proxy.settings_table import DEFAULTS
 from proxy.tenants import Credentials
-from proxy.urls import sqlite_path
+from proxy.urls import mask_url, sqlite_path
 
 MIB = 1024 * 1024
 
@@ -482,3 +482,14 @@ def test_tls_needs_both_files_and_readable_ones(tmp_path: Path) -> None:
     assert problem.startswith(f"TLS_KEY_FILE={missing}: cannot read the file; ")
     both = load_settings({"TLS_CERT_FILE": cert, "TLS_KEY_FILE": cert})
     assert both.tls_cert_file == Path(cert)
+
+
+def test_memory_state_with_several_workers_is_refused() -> None:
+    [problem] = problems_of({"STATE_URL": "memory://", "WORKERS": "2"})
+    assert problem.startswith("STATE_URL=memory://: memory:// is one process's state; ")
+
+
+def test_a_password_in_the_state_url_query_is_masked_too() -> None:
+    masked = mask_url("redis://cache:6379/0?password=s3cret-pass&db=1")
+    assert "s3cret" not in masked and "password=***" in masked and "db=1" in masked
+    assert "p#ss" not in mask_url("rediss://u:p#ss@cache:6380/0")

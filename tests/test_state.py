@@ -13,7 +13,7 @@ import redis
 
 from proxy.state import MemoryState, check_state, describe_state, open_state
 from proxy.state import sqlite as sqlite_backend
-from proxy.state.base import QuotaCharge, StateUnavailable
+from proxy.state.base import ClaimStatus, QuotaCharge, StateUnavailable
 from proxy.state.redis import RedisState
 from proxy.state.sqlite import SqliteState
 from tests.processes import free_port
@@ -200,3 +200,23 @@ async def test_redis_with_a_password_and_a_unix_socket(
         await wrong.close()
     finally:
         server.stop()
+
+
+async def test_a_redis_claim_sent_twice_by_its_owner_stays_its_own(
+    redis_server: RedisServer,
+) -> None:
+    """A reply lost on the way back makes redis-py send the script again: the owner must find
+    its own claim (with its journal), not a run of someone else's to wait for."""
+    redis_server.flush()
+    backend = open_state(redis_server.url)
+    try:
+        first = await backend.claim("k-own", "fp", "owner-1", 15, 600, 1000.0)
+        assert first.status is ClaimStatus.NEW
+        assert await backend.record_intent("k-own", "owner-1", 0, b"intent", 1000.5)
+        again = await backend.claim("k-own", "fp", "owner-1", 15, 600, 1001.0)
+        assert again.status is ClaimStatus.TAKEN_OVER
+        assert again.journal[0].intent == b"intent"
+        other = await backend.claim("k-own", "fp", "owner-2", 15, 600, 1002.0)
+        assert other.status is ClaimStatus.RUNNING
+    finally:
+        await backend.close()

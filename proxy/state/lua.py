@@ -74,7 +74,8 @@ CLAIM: Final = (
     + """
 local fingerprint, owner = ARGV[1], ARGV[2]
 local lease, ttl, now = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local run = redis.call('HMGET', KEYS[1], 'fingerprint', 'lease_until', 'expires', 'answer')
+local run = redis.call('HMGET', KEYS[1], 'fingerprint', 'lease_until', 'expires', 'answer',
+  'owner')
 if run[1] and tonumber(run[3]) <= now then run[1] = false end
 if not run[1] then
   redis.call('DEL', KEYS[1], KEYS[2])
@@ -85,6 +86,12 @@ if not run[1] then
 end
 if run[1] ~= fingerprint then return {'mismatch'} end
 if run[4] then return {'done', run[4]} end
+-- Our own claim (a reply lost and the call sent again): ours still, with what it recorded, so
+-- that a retried takeover keeps its journal and never sends a recorded batch again.
+if run[5] == owner then
+  redis.call('HSET', KEYS[1], 'lease_until', fmt(now + lease))
+  return {'taken_over', redis.call('HGETALL', KEYS[2])}
+end
 if tonumber(run[2]) > now then return {'running'} end
 redis.call('HSET', KEYS[1], 'owner', owner, 'lease_until', fmt(now + lease))
 return {'taken_over', redis.call('HGETALL', KEYS[2])}

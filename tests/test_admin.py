@@ -415,7 +415,7 @@ async def test_test_reports_an_unreachable_upstream(
 
 
 async def test_usage_of_every_tenant_day_by_day(admin: Admin) -> None:
-    from datetime import UTC, datetime
+    from datetime import UTC, datetime, timedelta
 
     today = datetime.now(UTC).date().isoformat()
     counts = {"requests": 7, "action:callAppend": 5, "status:2xx": 6, "status:4xx": 1}
@@ -439,6 +439,17 @@ async def test_usage_of_every_tenant_day_by_day(admin: Admin) -> None:
     status, doc, _ = await call(admin, "GET", "/usage?tenant=env-1")
     assert [row["id"] for row in doc["data"]["tenants"]] == ["env-1"]
     assert len(doc["data"]["tenants"][0]["days"]) == 7
+    assert rows["tenant-a"]["quotas"] == []
+    created = await create(admin)  # NEW_TENANT has numbersPerDay 500
+    status, doc, _ = await call(admin, "GET", f"/usage?tenant={created['id']}&days=1")
+    [quota] = doc["data"]["tenants"][0]["quotas"]
+    assert (quota["name"], quota["limit"], quota["used"], quota["remaining"]) == (
+        "numbersPerDay",
+        500,
+        0,
+        500,
+    )
+    assert quota["resetsAt"].startswith((datetime.now(UTC) + timedelta(days=1)).date().isoformat())
 
 
 @pytest.mark.parametrize("query", ["days=0", "days=91", "days=x", "days=-1"])

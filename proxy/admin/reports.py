@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Mapping
 from datetime import date, datetime, timedelta
 from typing import Any, Final
 from zoneinfo import ZoneInfo
@@ -20,34 +19,17 @@ from proxy.admin.wire import envelope, int_param
 from proxy.appkeys import CONTEXT
 from proxy.errors import GatewayError
 from proxy.nxlink import SUCCESS_CODES
+from proxy.quotas import QuotaBook
 from proxy.state import StateUnavailable
+from proxy.state.fallback import ResilientState
 from proxy.tenants import Tenant
 from proxy.upstream import UpstreamClient, UpstreamRequest, json_headers
+from proxy.usage import day_entry
 
 PROBE_PATH: Final = "/openapi/aiagent/task/list"
 PROBE_ACTION: Final = "pageCallTaskInfo"
 PROBE_BODY: Final = b'{"pageNumber":1,"pageSize":1}'
 PROBE_MAX_ANSWER: Final = 64 * 1024
-STATUS_CLASSES: Final = ("2xx", "4xx", "5xx")
-
-
-def day_view(day: str, counters: Mapping[str, int]) -> dict[str, Any]:
-    """One day of a tenant's usage counters, in the shape of the usage endpoint.
-
-    The one place that knows the ledger's field names."""
-    return {
-        "date": day,
-        "requests": counters.get("requests", 0),
-        "byAction": {
-            name.removeprefix("action:"): n
-            for name, n in counters.items()
-            if name.startswith("action:")
-        },
-        "byStatus": {c: counters.get(f"status:{c}", 0) for c in STATUS_CLASSES},
-        "numbersAppended": counters.get("numbersAppended", 0),
-        "numbersFailed": counters.get("numbersFailed", 0),
-        "upstreamErrors": counters.get("upstreamErrors", 0),
-    }
 
 
 def last_days(today: date, days: int) -> list[str]:
@@ -74,9 +56,13 @@ async def handle_usage(request: web.Request) -> web.Response:
 
 
 async def _tenant_usage(request: web.Request, tenant: Tenant, dates: list[str]) -> dict[str, Any]:
-    counters = await admin_context(request).state.read_usage(tenant.id, dates)
-    days = [day_view(day, counters.get(day, {})) for day in dates]
-    return {"id": tenant.id, "apiKeyAlias": tenant.alias, "days": days}
+    """One tenant's row: the tenant usage endpoint's shape (quotas included) plus its id."""
+    ctx = admin_context(request)
+    counters = await ctx.state.read_usage(tenant.id, dates)
+    book = QuotaBook(ctx.settings, ResilientState(ctx.state))
+    quotas = [status.shown() for status in await book.used(tenant)]
+    days = [day_entry(day, counters.get(day, {})) for day in dates]
+    return {"id": tenant.id, "apiKeyAlias": tenant.alias, "quotas": quotas, "days": days}
 
 
 async def handle_audit(request: web.Request) -> web.Response:

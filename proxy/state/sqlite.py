@@ -30,6 +30,8 @@ from proxy.urls import sqlite_path
 
 T = TypeVar("T")
 BUSY_TIMEOUT_MS: Final = 5000
+OPEN_ATTEMPTS: Final = 50
+OPEN_RETRY_SECONDS: Final = 0.1
 SWEEP_EVERY: Final = 1000  # decisions between two sweeps of expired rows
 DECIDE: Final = "BEGIN IMMEDIATE"  # read-modify-write: take the write lock first
 READ: Final = "BEGIN"  # a consistent snapshot, no lock held
@@ -273,17 +275,31 @@ class SqliteState:
 
     def _open(self) -> Db:
         if self._db is None:
-            db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-            try:
-                db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-                db.execute("PRAGMA journal_mode = WAL")
-                db.execute("PRAGMA synchronous = NORMAL")
-                db.executescript(SCHEMA)
-            except BaseException:
-                db.close()
-                raise
-            self._db = db
+            # Switching a new file to WAL takes an exclusive lock without waiting on the busy
+            # timeout: several processes opening it at once get "database is locked". Tried
+            # again for a while (this runs in the backend's thread, not on the event loop).
+            for attempt in range(OPEN_ATTEMPTS):
+                try:
+                    self._db = self._connect()
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or attempt == OPEN_ATTEMPTS - 1:
+                        raise
+                    time.sleep(OPEN_RETRY_SECONDS)
+        assert self._db is not None
         return self._db
+
+    def _connect(self) -> Db:
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")
+            db.executescript(SCHEMA)
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def _close_db(self) -> None:
         if self._db is not None:

@@ -40,6 +40,7 @@ from proxy.idempotency import (
 )
 from proxy.numbers import AppendCall, ContactItem, decode_json, parse_call
 from proxy.nxlink import APPEND_ACTION, APPEND_PATH, SUCCESS_CODES
+from proxy.quotas import NOTHING_RESERVED
 from proxy.ratelimit_headers import learn_quotas
 from proxy.state.base import Claim, ClaimStatus, JournalEntry
 from proxy.tenants import Credentials, Tenant
@@ -208,12 +209,13 @@ async def counted_run(
     """The run within the tenant's numbers quotas: reserved whole before anything is sent
     (429 ``QUOTA_EXCEEDED`` when they do not fit), the numbers nxlink refused given back."""
     book, tenant = request.app[QUOTAS], current_tenant(request)
+    reservation = NOTHING_RESERVED
     if plan.numbers:
-        statuses = await book.reserve(tenant, "numbers", plan.numbers)
-        learn_quotas(context(request).limits, statuses)
+        reservation = await book.reserve(tenant, "numbers", plan.numbers)
+        learn_quotas(context(request).limits, reservation.statuses)
     outcomes = await job.run(plan, journal)
     accepted = sum(1 for outcome in outcomes for r in outcome if r["success"])
-    await book.give_back(tenant, "numbers", plan.numbers - accepted)
+    await book.give_back(reservation, plan.numbers - accepted)
     return collect(job.call.entries, plan.batches, outcomes, plan.known)
 
 

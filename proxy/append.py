@@ -34,12 +34,15 @@ from proxy.idempotency import (
     JournalRun,
     body_digest,
     claim_run,
+    is_unknown,
     journal_key,
     new_owner,
+    recorded_reservation,
     recovered,
 )
 from proxy.numbers import AppendCall, ContactItem, decode_json, parse_call
 from proxy.nxlink import APPEND_ACTION, APPEND_PATH, SUCCESS_CODES
+from proxy.quotas import NOTHING_RESERVED, Reservation
 from proxy.ratelimit_headers import learn_quotas
 from proxy.state.base import Claim, ClaimStatus, JournalEntry
 from proxy.tenants import Credentials, Tenant
@@ -180,7 +183,7 @@ class AppendJob:
         known = recovered(entries, recorded) if recorded else {}
         start = max(recorded, default=-1) + 1 if recorded else 0
         batches = make_batches(entries, self.batch_size, start=start, skip=known.keys())
-        return Plan(known, batches)
+        return Plan(known, batches, recorded_reservation(recorded) if recorded else None)
 
     async def run(self, plan: Plan, journal: JournalRun | None = None) -> list[list[Result]]:
         """Send the plan's batches; their results in batch order."""
@@ -196,6 +199,7 @@ class Plan:
 
     known: Mapping[int, Result]
     batches: Sequence[Batch]
+    reserved: bytes | None = None  # the quota reservation a previous owner recorded
 
     @property
     def numbers(self) -> int:
@@ -206,15 +210,44 @@ async def counted_run(
     request: web.Request, job: AppendJob, plan: Plan, journal: JournalRun | None = None
 ) -> list[Result]:
     """The run within the tenant's numbers quotas: reserved whole before anything is sent
-    (429 ``QUOTA_EXCEEDED`` when they do not fit), the numbers nxlink refused given back."""
-    book, tenant = request.app[QUOTAS], current_tenant(request)
-    if plan.numbers:
-        statuses = await book.reserve(tenant, "numbers", plan.numbers)
-        learn_quotas(context(request).limits, statuses)
+    (429 ``QUOTA_EXCEEDED`` when they do not fit), the numbers nxlink did not accept given back
+    (never the OUTCOME_UNKNOWN ones: they may have been called)."""
+    reservation, journaled = await _reservation(request, plan, journal)
     outcomes = await job.run(plan, journal)
-    accepted = sum(1 for outcome in outcomes for r in outcome if r["success"])
-    await book.give_back(tenant, "numbers", plan.numbers - accepted)
-    return collect(job.call.entries, plan.batches, outcomes, plan.known)
+    results = collect(job.call.entries, plan.batches, outcomes, plan.known)
+    # A recorded reservation covers the whole request, a new one only this run's batches.
+    covered = results if plan.reserved is not None else [r for o in outcomes for r in o]
+    kept = sum(1 for r in covered if r["success"] or is_unknown(r))
+    await _give_back(request, reservation, kept, journal if journaled else None)
+    return results
+
+
+async def _reservation(
+    request: web.Request, plan: Plan, journal: JournalRun | None
+) -> tuple[Reservation, bool]:
+    """The run's reservation, and whether the journal holds it: the one a previous owner
+    recorded, else one made now and recorded before any batch is sent (only when the shared
+    backend took it: a taker in another process could give nothing back to this one's memory)."""
+    if plan.reserved is not None:
+        return Reservation.decode(plan.reserved), True
+    reservation = NOTHING_RESERVED
+    if plan.numbers:
+        tenant = current_tenant(request)
+        reservation = await request.app[QUOTAS].reserve(tenant, "numbers", plan.numbers)
+        learn_quotas(context(request).limits, reservation.statuses)
+    if journal is None or not reservation.charges or reservation.where == "local":
+        return reservation, False
+    return reservation, await journal.record_reservation(reservation.encode())
+
+
+async def _give_back(
+    request: web.Request, reservation: Reservation, kept: int, journal: JournalRun | None
+) -> None:
+    """Give back all but ``kept``. A reservation in the journal is recorded as settled first, so
+    that no later taker gives the same numbers back again; a run that lost its claim leaves the
+    giving back to the owner that took it over."""
+    if journal is None or await journal.record_reservation(reservation.keeping(kept).encode()):
+        await request.app[QUOTAS].give_back(reservation, reservation.amount - kept)
 
 
 def append_job(request: web.Request, raw: bytes) -> AppendJob:

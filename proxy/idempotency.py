@@ -35,6 +35,7 @@ OUTCOME_UNKNOWN: Final = (
     "the answer was recorded; check call/list before sending these numbers again"
 )
 NOT_SENT: Final = "not sent: the Idempotency-Key run was taken over or the state backend failed"
+RESERVATION_INDEX: Final = -1  # the journal entry holding the run's quota reservation, no batch's
 
 
 async def body_digest(raw: bytes) -> str:
@@ -91,7 +92,8 @@ def recovered(entries: Sequence[Entry], journal: Mapping[int, JournalEntry]) -> 
     """Results by input position from a previous owner's journal: its recorded outcomes, and
     OUTCOME_UNKNOWN for the batches it sent with no outcome recorded."""
     known: dict[int, Result] = {}
-    for entry in journal.values():
+    batches = (entry for index, entry in journal.items() if index != RESERVATION_INDEX)
+    for entry in batches:
         intent = json.loads(entry.intent)
         positions = [int(p) for p in intent["positions"] if 0 <= int(p) < len(entries)]
         if entry.outcome is not None:
@@ -101,6 +103,17 @@ def recovered(entries: Sequence[Entry], journal: Mapping[int, JournalEntry]) -> 
         for position, contact_id in zip(positions, intent["contactIds"], strict=False):
             known[position] = unknown_result(entries[position], str(contact_id))
     return known
+
+
+def recorded_reservation(journal: Mapping[int, JournalEntry]) -> bytes | None:
+    """The quota reservation a previous owner recorded before sending, if it did."""
+    entry = journal.get(RESERVATION_INDEX)
+    return None if entry is None else entry.intent
+
+
+def is_unknown(result: Result) -> bool:
+    """True for a number that may have been called: its outcome was never learnt."""
+    return result.get("error", "").startswith("OUTCOME_UNKNOWN:")
 
 
 def unknown_result(entry: Entry, contact_id: str) -> Result:
@@ -128,8 +141,7 @@ class JournalRun:
         self, batch: Batch, send: Callable[[Batch], Awaitable[list[Result]]]
     ) -> list[Result]:
         """Record the intent, send, record the outcome; never send once the claim is lost."""
-        if self.lost or not await self._intent(batch):
-            self.lost = True
+        if self.lost or not await self._record(batch.index, encode_intent(batch)):
             return [not_sent(item["phoneNumber"], item["contactId"]) for item in batch.items]
         results = await send(batch)
         outcome = encode_outcome(results)
@@ -140,15 +152,21 @@ class JournalRun:
             logger.warning("outcome of batch %d not recorded: state unavailable", batch.index)
         return results
 
-    async def _intent(self, batch: Batch) -> bool:
-        intent, now = encode_intent(batch), time.time()
+    async def record_reservation(self, reservation: bytes) -> bool:
+        """Record the run's quota reservation (before any batch is sent, and again as settled
+        before giving back); False, and nothing more is sent, once the claim is lost."""
+        return not self.lost and await self._record(RESERVATION_INDEX, reservation)
+
+    async def _record(self, index: int, intent: bytes) -> bool:
+        now = time.time()
         try:
-            return await self.state.shared_only(
-                lambda s: s.record_intent(self.key, self.owner, batch.index, intent, now)
+            recorded = await self.state.shared_only(
+                lambda s: s.record_intent(self.key, self.owner, index, intent, now)
             )
         except StateUnavailable:
-            self.state_failed = True
-            return False
+            self.state_failed, recorded = True, False
+        self.lost = self.lost or not recorded
+        return recorded
 
     async def keep_lease(self) -> None:
         """Renew the claim every third of its lease until cancelled or lost."""

@@ -200,7 +200,8 @@ async def _limited(
         async with app[LIMITER].admit(tenant) as admitted:
             ctx.limits = limit_state(app[QUOTAS], tenant, admitted)
             if ctx.limits is not None and counted:
-                learn_quotas(ctx.limits, await app[QUOTAS].reserve(tenant, "requests", 1))
+                reserved = await app[QUOTAS].reserve(tenant, "requests", 1)
+                learn_quotas(ctx.limits, reserved.statuses)
             return await handler(request)
     except TooManyRequests as exc:
         metrics(request).limited.labels(tenant.alias, exc.code).inc()

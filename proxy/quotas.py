@@ -3,6 +3,9 @@ reserved atomically in the state backend before anything is sent."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -13,9 +16,11 @@ from zoneinfo import ZoneInfo
 
 from proxy.config import Quotas, Settings
 from proxy.errors import TooManyRequests
-from proxy.state.base import QuotaCharge, QuotaResult
-from proxy.state.fallback import ResilientState
+from proxy.state.base import QuotaCharge, QuotaResult, StateUnavailable
+from proxy.state.fallback import ResilientState, Where
 from proxy.tenants import Tenant
+
+logger = logging.getLogger(__name__)
 
 Kind = Literal["numbers", "requests"]
 NO_QUOTAS: Final = Quotas()
@@ -85,12 +90,58 @@ def quota_key(tenant: Tenant, name: str, window: Window) -> str:
     return f"q:{tenant.id}:{name}:{window.label}"
 
 
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What one ``reserve`` took: the exact charges, the backend that took them, and where the
+    quotas stood after it (for the RateLimit headers)."""
+
+    charges: tuple[QuotaCharge, ...] = ()
+    where: Where = "shared"
+    statuses: tuple[QuotaStatus, ...] = ()
+
+    @property
+    def amount(self) -> int:
+        """What each charge took (one amount against every window)."""
+        return self.charges[0].amount if self.charges else 0
+
+    def keeping(self, amount: int) -> Reservation:
+        """The same reservation reduced to ``amount`` (never grown)."""
+        kept = min(max(0, amount), self.amount)
+        charges = tuple(dataclasses.replace(c, amount=kept) for c in self.charges)
+        return Reservation(charges, self.where, self.statuses)
+
+    def encode(self) -> bytes:
+        """The reservation as a journal record (its charges and backend)."""
+        charges = [[c.key, c.limit, c.amount, c.expires_at] for c in self.charges]
+        return json.dumps({"where": self.where, "charges": charges}).encode()
+
+    @staticmethod
+    def decode(raw: bytes) -> Reservation:
+        """A reservation ``encode`` recorded."""
+        doc = json.loads(raw)
+        where: Where = "local" if doc["where"] == "local" else "shared"
+        charges = tuple(
+            QuotaCharge(str(key), int(limit), int(amount), float(expires))
+            for key, limit, amount, expires in doc["charges"]
+        )
+        return Reservation(charges, where)
+
+
+NOTHING_RESERVED: Final = Reservation()
+
+
 class QuotaBook:
     """Reserves and gives back a tenant's numbers and requests."""
 
-    def __init__(self, settings: Settings, state: ResilientState, observe: Observer = _unobserved):
+    def __init__(
+        self,
+        settings: Settings,
+        state: ResilientState,
+        observe: Observer = _unobserved,
+        clock: Callable[[], float] = time.time,
+    ):
         self.defaults, self.state, self.observe = settings.quota_defaults, state, observe
-        self.zone = ZoneInfo(settings.quota_timezone)
+        self.zone, self.clock = ZoneInfo(settings.quota_timezone), clock
         self._no_defaults = self.defaults == NO_QUOTAS
 
     def in_force(self, tenant: Tenant) -> list[tuple[str, int]]:
@@ -112,30 +163,35 @@ class QuotaBook:
         """Every quota of the tenant, numbers first, with nothing used yet."""
         return self.statuses(tenant, "numbers", now) + self.statuses(tenant, "requests", now)
 
-    async def reserve(self, tenant: Tenant, kind: Kind, amount: int) -> list[QuotaStatus]:
+    async def reserve(self, tenant: Tenant, kind: Kind, amount: int) -> Reservation:
         """Reserve ``amount`` against every quota of ``kind``, or raise 429 ``QUOTA_EXCEEDED``."""
-        statuses = self.statuses(tenant, kind, time.time())
+        now = self.clock()
+        statuses = self.statuses(tenant, kind, now)
         if not statuses:
-            return []
-        charges = self._charges(tenant, statuses, amount)
-        result = await self.state.shared_or_local(lambda s: s.reserve(charges))
+            return NOTHING_RESERVED
+        charges = tuple(self._charges(tenant, statuses, amount))
+        result, where = await self.state.located(lambda s: s.reserve(charges))
         counted = _counted(statuses, result)
         self.observe(tenant.alias, counted)
         if result.refused is not None:
-            raise _exceeded(counted[result.refused], amount)
-        return counted
+            raise _exceeded(counted[result.refused], amount, now)
+        return Reservation(charges, where, tuple(counted))
 
-    async def give_back(self, tenant: Tenant, kind: Kind, amount: int) -> None:
-        """Return ``amount`` to every quota of ``kind`` (numbers nxlink did not accept)."""
-        statuses = self.statuses(tenant, kind, time.time())
-        if statuses and amount > 0:
-            charges = self._charges(tenant, statuses, amount)
-            await self.state.shared_or_local(lambda s: s.give_back(charges))
+    async def give_back(self, reservation: Reservation, amount: int) -> None:
+        """Return ``amount`` (at most what was reserved) to the very windows the reservation
+        charged, on the backend that took it, whatever the day is now."""
+        returned = reservation.keeping(amount)
+        if returned.amount <= 0:
+            return
+        try:
+            await self.state.on(returned.where, lambda s: s.give_back(returned.charges))
+        except StateUnavailable:
+            # Kept charged rather than given to the wrong counter: never extra budget.
+            logger.warning("%d numbers not given back: state unavailable", returned.amount)
 
     async def used(self, tenant: Tenant) -> list[QuotaStatus]:
         """Every quota in force and what is used of it now."""
-        now = time.time()
-        statuses = self.statuses(tenant, "numbers", now) + self.statuses(tenant, "requests", now)
+        statuses = self.every_status(tenant, self.clock())
         keys = [quota_key(tenant, s.name, s.window) for s in statuses]
         values = await self.state.shared_or_local(lambda s: s.quota_used(keys))
         return [
@@ -163,8 +219,8 @@ def _counted(statuses: Sequence[QuotaStatus], result: QuotaResult) -> list[Quota
     ]
 
 
-def _exceeded(status: QuotaStatus, amount: int) -> TooManyRequests:
-    wait = math.ceil(status.window.resets_at.timestamp() - time.time())
+def _exceeded(status: QuotaStatus, amount: int, now: float) -> TooManyRequests:
+    wait = math.ceil(status.window.resets_at.timestamp() - now)
     unit = "numbers" if status.name.startswith("numbers") else "requests"
     message = (
         f"Quota {status.name} of {status.limit} {unit} exceeded: {status.remaining} left, "

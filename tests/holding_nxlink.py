@@ -1,5 +1,6 @@
 """A call/append upstream for journal tests: checks signatures, records every number it gets,
-and holds the batches that carry chosen numbers until the test releases them."""
+holds the batches that carry chosen numbers until the test releases them, and refuses the
+batches that carry others."""
 
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ from proxy.tenants import Credentials
 
 @dataclass(slots=True)
 class HoldingNxlink:
-    """``received`` lists every number in arrival order; ``held`` batches wait for ``release``."""
+    """``received`` lists every number in arrival order; ``held`` batches wait for ``release``;
+    ``refused`` batches get an nxlink error."""
 
     creds: Credentials
     hold: Collection[str] = ()
+    refuse: Collection[str] = ()
     received: list[str] = field(default_factory=list)
     holding: asyncio.Event = field(default_factory=asyncio.Event)
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -41,6 +44,8 @@ class HoldingNxlink:
         if set(phones) & set(self.hold):
             self.holding.set()
             await self.release.wait()
+        if set(phones) & set(self.refuse):
+            return web.json_response({"code": 5000, "message": "refused by the test", "data": None})
         data = {"successCount": len(phones)}
         return web.json_response({"code": 0, "message": "success", "data": data})
 

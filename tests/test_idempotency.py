@@ -4,10 +4,12 @@ the backend down, a client that leaves mid-run, and the wait for a run in progre
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -15,9 +17,10 @@ from aiohttp.test_utils import TestServer
 
 from proxy.app import create_app
 from proxy.appkeys import STATE
+from proxy.config import Quotas
 from proxy.idempotency import OUTCOME_UNKNOWN, journal_key
 from proxy.nxlink import APPEND_PATH
-from proxy.state import MemoryState, StateBackend
+from proxy.state import MemoryState, StateBackend, StateUnavailable
 from proxy.tenants import Registry, Tenant
 from tests.conftest import CREDS_A, KEY_A, Client, Upstream, make_settings, make_tenant
 from tests.holding_nxlink import HoldingNxlink
@@ -105,6 +108,37 @@ async def test_no_batch_is_sent_once_record_intent_says_the_claim_is_lost(
     assert (status, body["error"]) == (409, "IDEMPOTENCY_IN_PROGRESS")
     assert "Retry-After" in headers
     assert sent_numbers(upstream) == []
+
+
+class AnswerLost(MemoryState):
+    """A backend that fails to store the first run's answer (its journal stays)."""
+
+    failed = False
+
+    async def complete(self, key: str, owner: str, answer: bytes, ttl: float, now: float) -> bool:
+        if not self.failed:
+            self.failed = True
+            raise StateUnavailable("the answer's write was lost")
+        return await super().complete(key, owner, answer, ttl, now)
+
+
+async def test_a_taker_gives_back_nothing_that_the_finished_owner_gave_back(
+    aiohttp_client: AiohttpClient, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    nxlink = HoldingNxlink(CREDS_A, refuse={PHONES[2]})
+    server = await aiohttp_server(nxlink.app())
+    tenant = make_tenant("tenant-a", KEY_A, str(server.make_url("")).rstrip("/"), CREDS_A)
+    tenant = dataclasses.replace(tenant, quotas=Quotas(numbers_per_day=100))
+    backend = AnswerLost()
+    client = await gateway_on(aiohttp_client, backend, tenant, IDEMPOTENCY_LEASE="1")
+    first = await append(client)
+    assert first[0] == 200 and first[2]["data"]["successCount"] == 4 and backend.failed
+    again = await append(client)  # takes the run over once the first lease lapsed
+    assert again[0] == 200 and "Idempotent-Replayed" not in again[1]
+    assert again[2]["data"]["results"] == first[2]["data"]["results"]
+    assert nxlink.received == PHONES
+    day = datetime.now(UTC).date().isoformat()
+    assert await backend.quota_used([f"q:{tenant.id}:numbersPerDay:{day}"]) == [4]
 
 
 async def test_with_the_backend_down_a_keyed_request_is_503_and_a_plain_one_goes_on(

@@ -7,7 +7,7 @@ import dataclasses
 import json
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -16,11 +16,13 @@ from aiohttp import web
 from proxy.app import create_app
 from proxy.config import Quotas
 from proxy.nxlink import APPEND_PATH
-from proxy.quotas import window_of
+from proxy.quotas import QuotaBook, window_of
 from proxy.state import MemoryState
+from proxy.state.fallback import RETRY_EVERY, ResilientState
 from proxy.tenants import Registry, Tenant
 from tests.conftest import CREDS_A, KEY_A, Client, Upstream, make_settings, make_tenant
 from tests.processes import free_port
+from tests.state_fakes import FakeClock, SwitchableState
 
 AiohttpClient = Callable[[web.Application], Awaitable[Client]]
 URL = "/api/openapi/append-numbers"
@@ -175,3 +177,67 @@ async def test_a_tenants_own_quota_beats_the_default(
     tenant = with_quotas(make_tenant("a", KEY_A, upstream.base_url, CREDS_A), numbers_per_day=10)
     client = await gateway_on(aiohttp_client, MemoryState(), tenant, QUOTA_NUMBERS_PER_DAY="1")
     assert (await append(client, phones(0, 8)))[0] == 200
+
+
+def book_on(state: ResilientState, clock: FakeClock, **env: str) -> QuotaBook:
+    return QuotaBook(make_settings(**env), state, clock=clock)
+
+
+def window_keys(tenant: Tenant, name: str, *labels: str) -> list[str]:
+    return [f"q:{tenant.id}:{name}:{label}" for label in labels]
+
+
+async def test_numbers_given_back_after_midnight_go_to_the_windows_they_were_reserved_in() -> None:
+    zone = ZoneInfo("Asia/Shanghai")
+    new_year = datetime(2027, 1, 1, tzinfo=zone).timestamp()
+    backend, clock = MemoryState(), FakeClock(new_year - 1)
+    book = book_on(ResilientState(backend), clock, QUOTA_TIMEZONE="Asia/Shanghai")
+    tenant = with_quotas(
+        make_tenant("a", KEY_A, "http://127.0.0.1:1", CREDS_A),
+        numbers_per_day=10,
+        numbers_per_month=100,
+    )
+    before_midnight = await book.reserve(tenant, "numbers", 4)
+    clock.now = new_year + 1
+    first, second = [await book.reserve(tenant, "numbers", n) for n in (2, 3)]
+    await book.give_back(before_midnight, 3)
+    await book.give_back(first, 50)  # never more than it reserved
+    days = window_keys(tenant, "numbersPerDay", "2026-12-31", "2027-01-01")
+    months = window_keys(tenant, "numbersPerMonth", "2026-12", "2027-01")
+    assert await backend.quota_used(days + months) == [1, 3, 1, 3]
+    assert second.amount == 3
+
+
+NOON: Final = datetime(2026, 12, 2, 12, tzinfo=ZoneInfo("UTC")).timestamp()
+
+
+async def test_a_reservation_taken_in_memory_is_given_back_there_once_shared_again() -> None:
+    shared, state_clock = SwitchableState(), FakeClock()
+    state = ResilientState(shared, clock=state_clock)
+    book = book_on(state, FakeClock(NOON))
+    tenant = with_quotas(make_tenant("a", KEY_A, "http://127.0.0.1:1", CREDS_A), numbers_per_day=9)
+    key = window_keys(tenant, "numbersPerDay", "2026-12-02")
+    shared.down = True
+    in_memory = await book.reserve(tenant, "numbers", 4)
+    shared.down = False
+    state_clock.now += RETRY_EVERY
+    await book.reserve(tenant, "numbers", 1)
+    assert state.available
+    await book.give_back(in_memory, 3)
+    assert await state.local.quota_used(key) == [1]
+    assert await shared.quota_used(key) == [1]
+
+
+async def test_a_shared_reservation_is_never_given_back_to_memory() -> None:
+    shared = SwitchableState()
+    state = ResilientState(shared, clock=FakeClock())
+    book = book_on(state, FakeClock(NOON))
+    tenant = with_quotas(make_tenant("a", KEY_A, "http://127.0.0.1:1", CREDS_A), numbers_per_day=9)
+    key = window_keys(tenant, "numbersPerDay", "2026-12-02")
+    on_shared = await book.reserve(tenant, "numbers", 4)
+    shared.down = True
+    await book.reserve(tenant, "numbers", 2)  # in memory now
+    await book.give_back(on_shared, 3)
+    shared.down = False
+    assert await state.local.quota_used(key) == [2]
+    assert await shared.quota_used(key) == [4]  # kept charged: never budget it did not have

@@ -200,6 +200,19 @@ async def test_a_lapsed_lease_is_taken_over_with_its_journal(backend: StateBacke
     }
 
 
+async def test_a_negative_index_is_journaled_and_replaced_as_a_batch_is(
+    backend: StateBackend,
+) -> None:
+    await backend.claim("idem", "fp", "A", LEASE, TTL, NOW)
+    assert await backend.record_intent("idem", "A", -1, b"reserved-8", NOW)
+    assert await backend.record_intent("idem", "A", 0, b"intent-0", NOW)
+    taken = await backend.claim("idem", "fp", "B", LEASE, TTL, NOW + LEASE)
+    assert dict(taken.journal) == {-1: JournalEntry(b"reserved-8"), 0: JournalEntry(b"intent-0")}
+    assert await backend.record_intent("idem", "B", -1, b"reserved-6", NOW + LEASE)
+    third = await backend.claim("idem", "fp", "C", LEASE, TTL, NOW + 2 * LEASE)
+    assert dict(third.journal) == {-1: JournalEntry(b"reserved-6"), 0: JournalEntry(b"intent-0")}
+
+
 async def test_a_lost_claim_refuses_intents_and_renewals(backend: StateBackend) -> None:
     await backend.claim("idem", "fp", "A", LEASE, TTL, NOW)
     assert not await backend.record_intent("idem", "A", 0, b"late", NOW + LEASE)  # lapsed

@@ -106,8 +106,9 @@ class Journal(Protocol):
     async def record_intent(
         self, key: str, owner: str, batch: int, intent: bytes, now: float
     ) -> bool:
-        """Record that ``batch`` is about to be sent, only while ``owner`` holds a live lease;
-        False means the claim was lost and the batch must NOT be sent."""
+        """Record that ``batch`` (any integer, negative ones too) is about to be sent, only
+        while ``owner`` holds a live lease; False means the claim was lost and the batch must NOT
+        be sent. A second record at the same index replaces the first."""
         ...
 
     async def record_outcome(self, key: str, batch: int, outcome: bytes) -> None:

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Final, TypeVar
+from typing import Final, Literal, TypeVar
 
 from proxy.state.base import StateBackend, StateUnavailable
 from proxy.state.memory import MemoryState
@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Operation = Callable[[StateBackend], Awaitable[T]]
+Where = Literal["shared", "local"]
 
 RETRY_EVERY: Final = 2.0  # seconds between tries of a backend that failed
 CALL_TIMEOUT: Final = 5.0  # one state call's deadline
@@ -46,12 +47,24 @@ class ResilientState:
 
     async def shared_or_local(self, operation: Operation[T]) -> T:
         """``operation`` on the shared backend, or on this process's memory while it is down."""
+        result, _where = await self.located(operation)
+        return result
+
+    async def located(self, operation: Operation[T]) -> tuple[T, Where]:
+        """``operation`` as ``shared_or_local`` runs it, and which backend ran it."""
         if not self.available and self.clock() < self._retry_at:
-            return await operation(self.local)
+            return await operation(self.local), "local"
         try:
-            return await self.shared_only(operation)
+            return await self.shared_only(operation), "shared"
         except StateUnavailable:
+            return await operation(self.local), "local"
+
+    async def on(self, where: Where, operation: Operation[T]) -> T:
+        """``operation`` on the backend that ``located`` named (``shared`` may raise
+        ``StateUnavailable``: what the shared backend holds never goes to memory)."""
+        if where == "local":
             return await operation(self.local)
+        return await self.shared_only(operation)
 
     async def shared_only(self, operation: Operation[T], timeout: float = CALL_TIMEOUT) -> T:
         """``operation`` on the shared backend; raises ``StateUnavailable`` when it fails."""

@@ -30,12 +30,13 @@ from proxy.batches import Batch, Result, collect, make_batches, run_batches
 from proxy.config import mask_key
 from proxy.forwarding import build_upstream_url, read_body
 from proxy.idempotency import (
-    OUTCOME_UNKNOWN,
     JournalRun,
     body_digest,
     claim_run,
+    is_unknown,
     journal_key,
     new_owner,
+    no_answer,
     recovered,
 )
 from proxy.numbers import AppendCall, ContactItem, decode_json, parse_call
@@ -73,11 +74,14 @@ class Sender:
     tenant: Tenant
 
     async def send(self, batch: Batch) -> list[Result]:
-        """All of the batch's numbers succeed, or all fail with the reason."""
+        """All of the batch's numbers succeed, or all fail with the reason (OUTCOME_UNKNOWN
+        when the batch reached nxlink and its answer did not come back)."""
         status, answer, reason = 0, None, None
         try:
             status, answer = await self._exchange(batch_body(self.call, batch.items))
             reason = _refusal(status, answer)
+        except errors.UpstreamError as exc:
+            reason = no_answer(exc.message) if exc.sent else exc.message
         except errors.GatewayError as exc:
             reason = exc.message
         if reason is not None:
@@ -111,10 +115,10 @@ async def _read(response: Response, timeout: float) -> bytes:
             return await response.read()
     except TimeoutError as exc:
         message = f"Upstream answer did not finish within {timeout:g}s"
-        raise errors.UpstreamTimeout(message) from exc
+        raise errors.UpstreamTimeout(message, sent=True) from exc
     except ConnectionError as exc:
         message = f"Upstream answer was cut ({exc.__class__.__name__})"
-        raise errors.UpstreamUnavailable(message) from exc
+        raise errors.UpstreamUnavailable(message, sent=True) from exc
 
 
 def _refusal(status: int, answer: object) -> str | None:
@@ -146,10 +150,15 @@ def _result(item: ContactItem, reason: str | None, answer: object) -> Result:
     return result
 
 
+def spent(result: Result) -> bool:
+    """The number counts against the quota: nxlink took it, or may have (OUTCOME_UNKNOWN)."""
+    return result["success"] or is_unknown(result)
+
+
 def answer_body(task_id: str, results: Sequence[Result], api_key: str) -> bytes:
     """The 200 answer of a processed request, encoded once (it may be stored for replays)."""
     total, success = len(results), sum(1 for r in results if r["success"])
-    unknown = sum(1 for r in results if r.get("error") == OUTCOME_UNKNOWN)
+    unknown = sum(1 for r in results if is_unknown(r))
     counts = {
         "totalCount": total,
         "successCount": success,
@@ -212,7 +221,7 @@ async def counted_run(
         statuses = await book.reserve(tenant, "numbers", plan.numbers)
         learn_quotas(context(request).limits, statuses)
     outcomes = await job.run(plan, journal)
-    accepted = sum(1 for outcome in outcomes for r in outcome if r["success"])
+    accepted = sum(1 for outcome in outcomes for r in outcome if spent(r))
     await book.give_back(tenant, "numbers", plan.numbers - accepted)
     return collect(job.call.entries, plan.batches, outcomes, plan.known)
 

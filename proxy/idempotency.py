@@ -30,8 +30,9 @@ logger = logging.getLogger(__name__)
 
 HASH_INLINE_BYTES: Final = 1024 * 1024
 POLL_EVERY: Final = 0.15  # seconds between claims while another process runs the key
+UNKNOWN_PREFIX: Final = "OUTCOME_UNKNOWN:"  # every error saying nxlink may have the batch
 OUTCOME_UNKNOWN: Final = (
-    "OUTCOME_UNKNOWN: this batch was sent to nxlink but the gateway sending it stopped before "
+    f"{UNKNOWN_PREFIX} this batch was sent to nxlink but the gateway sending it stopped before "
     "the answer was recorded; check call/list before sending these numbers again"
 )
 NOT_SENT: Final = "not sent: the Idempotency-Key run was taken over or the state backend failed"
@@ -101,6 +102,19 @@ def recovered(entries: Sequence[Entry], journal: Mapping[int, JournalEntry]) -> 
         for position, contact_id in zip(positions, intent["contactIds"], strict=False):
             known[position] = unknown_result(entries[position], str(contact_id))
     return known
+
+
+def no_answer(reason: str) -> str:
+    """The error of a batch written to nxlink whose answer never came (``reason``)."""
+    return (
+        f"{UNKNOWN_PREFIX} this batch was sent to nxlink but no answer came ({reason}); "
+        "check call/list before sending these numbers again"
+    )
+
+
+def is_unknown(result: Result) -> bool:
+    """True when nxlink may have taken the result's number: it must not be sent again."""
+    return result.get("error", "").startswith(UNKNOWN_PREFIX)
 
 
 def unknown_result(entry: Entry, contact_id: str) -> Result:

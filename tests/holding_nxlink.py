@@ -1,5 +1,6 @@
 """A call/append upstream for journal tests: checks signatures, records every number it gets,
-and holds the batches that carry chosen numbers until the test releases them."""
+holds the batches that carry chosen numbers until the test releases them, and hangs up on
+others without an answer."""
 
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ from proxy.tenants import Credentials
 
 @dataclass(slots=True)
 class HoldingNxlink:
-    """``received`` lists every number in arrival order; ``held`` batches wait for ``release``."""
+    """``received`` lists every number in arrival order; ``held`` batches wait for ``release``;
+    the connection of a batch with a ``cut`` number is closed once the batch was read."""
 
     creds: Credentials
     hold: Collection[str] = ()
+    cut: Collection[str] = ()
     received: list[str] = field(default_factory=list)
     holding: asyncio.Event = field(default_factory=asyncio.Event)
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -38,6 +41,8 @@ class HoldingNxlink:
             return refused
         phones = [item["phoneNumber"] for item in json.loads(raw)["list"]]
         self.received.extend(phones)
+        if set(phones) & set(self.cut) and request.transport is not None:
+            request.transport.close()
         if set(phones) & set(self.hold):
             self.holding.set()
             await self.release.wait()

@@ -39,6 +39,7 @@ from proxy.idempotency import (
     no_answer,
     recovered,
 )
+from proxy.limits import Slot
 from proxy.numbers import AppendCall, ContactItem, decode_json, parse_call
 from proxy.nxlink import APPEND_ACTION, APPEND_PATH, SUCCESS_CODES
 from proxy.ratelimit_headers import learn_quotas
@@ -258,7 +259,7 @@ async def handle_append(request: web.Request) -> web.Response:
     given = idempotency_header(request)
     job = append_job(request, raw)
     if given is None:
-        return _json_answer(await shielded(request.app, _plain(request, job)))
+        return _json_answer(await shielded(request, _plain(request, job)))
     state, tenant = request.app[BACKEND], current_tenant(request)
     key, owner = journal_key(tenant.id, given), new_owner()
     claim = await claim_run(state, key, await body_digest(raw), owner, settings)
@@ -266,7 +267,7 @@ async def handle_append(request: web.Request) -> web.Response:
         assert claim.answer is not None
         return _json_answer(claim.answer, replayed=True)
     run = JournalRun(state, key, owner, settings.idempotency_lease)
-    return _json_answer(await shielded(request.app, _journaled(request, job, run, claim)))
+    return _json_answer(await shielded(request, _journaled(request, job, run, claim)))
 
 
 async def _plain(request: web.Request, job: AppendJob) -> bytes:
@@ -288,13 +289,25 @@ async def _journaled(request: web.Request, job: AppendJob, run: JournalRun, clai
         keeper.cancel()
 
 
-async def shielded(app: web.Application, work: Coroutine[Any, Any, bytes]) -> bytes:
-    """``work`` in a task of its own: a client that goes away does not cut a run mid-batch."""
-    task = asyncio.create_task(work)
-    runs = app[APPEND_RUNS]  # the loop keeps only a weak reference to a task
+async def shielded(request: web.Request, work: Coroutine[Any, Any, bytes]) -> bytes:
+    """``work`` in a task of its own: a client that goes away does not cut a run mid-batch,
+    and the tenant's in-flight slot stays held until the run ends."""
+    slot = context(request).slot
+    if slot is not None:
+        slot.handed = True  # now, not when the task starts: the request may end first
+    task = asyncio.create_task(_holding(slot, work))
+    runs = request.app[APPEND_RUNS]  # the loop keeps only a weak reference to a task
     runs.add(task)
     task.add_done_callback(lambda done: _forget(runs, done))
     return await asyncio.shield(task)
+
+
+async def _holding(slot: Slot | None, work: Coroutine[Any, Any, bytes]) -> bytes:
+    try:
+        return await work
+    finally:
+        if slot is not None:
+            await slot.free()
 
 
 def _forget(runs: set[asyncio.Task[bytes]], task: asyncio.Task[bytes]) -> None:

@@ -30,16 +30,17 @@ from proxy.batches import Batch, Result, collect, make_batches, run_batches
 from proxy.config import mask_key
 from proxy.forwarding import build_upstream_url, read_body
 from proxy.idempotency import (
-    OUTCOME_UNKNOWN,
     JournalRun,
     body_digest,
     claim_run,
     is_unknown,
     journal_key,
     new_owner,
+    no_answer,
     recorded_reservation,
     recovered,
 )
+from proxy.limits import Slot
 from proxy.numbers import AppendCall, ContactItem, decode_json, parse_call
 from proxy.nxlink import APPEND_ACTION, APPEND_PATH, SUCCESS_CODES
 from proxy.quotas import NOTHING_RESERVED, Reservation
@@ -76,11 +77,14 @@ class Sender:
     tenant: Tenant
 
     async def send(self, batch: Batch) -> list[Result]:
-        """All of the batch's numbers succeed, or all fail with the reason."""
+        """All of the batch's numbers succeed, or all fail with the reason (OUTCOME_UNKNOWN
+        when the batch reached nxlink and its answer did not come back)."""
         status, answer, reason = 0, None, None
         try:
             status, answer = await self._exchange(batch_body(self.call, batch.items))
             reason = _refusal(status, answer)
+        except errors.UpstreamError as exc:
+            reason = no_answer(exc.message) if exc.sent else exc.message
         except errors.GatewayError as exc:
             reason = exc.message
         if reason is not None:
@@ -114,10 +118,10 @@ async def _read(response: Response, timeout: float) -> bytes:
             return await response.read()
     except TimeoutError as exc:
         message = f"Upstream answer did not finish within {timeout:g}s"
-        raise errors.UpstreamTimeout(message) from exc
+        raise errors.UpstreamTimeout(message, sent=True) from exc
     except ConnectionError as exc:
         message = f"Upstream answer was cut ({exc.__class__.__name__})"
-        raise errors.UpstreamUnavailable(message) from exc
+        raise errors.UpstreamUnavailable(message, sent=True) from exc
 
 
 def _refusal(status: int, answer: object) -> str | None:
@@ -149,10 +153,15 @@ def _result(item: ContactItem, reason: str | None, answer: object) -> Result:
     return result
 
 
+def spent(result: Result) -> bool:
+    """The number counts against the quota: nxlink took it, or may have (OUTCOME_UNKNOWN)."""
+    return result["success"] or is_unknown(result)
+
+
 def answer_body(task_id: str, results: Sequence[Result], api_key: str) -> bytes:
     """The 200 answer of a processed request, encoded once (it may be stored for replays)."""
     total, success = len(results), sum(1 for r in results if r["success"])
-    unknown = sum(1 for r in results if r.get("error") == OUTCOME_UNKNOWN)
+    unknown = sum(1 for r in results if is_unknown(r))
     counts = {
         "totalCount": total,
         "successCount": success,
@@ -217,7 +226,7 @@ async def counted_run(
     results = collect(job.call.entries, plan.batches, outcomes, plan.known)
     # A recorded reservation covers the whole request, a new one only this run's batches.
     covered = results if plan.reserved is not None else [r for o in outcomes for r in o]
-    kept = sum(1 for r in covered if r["success"] or is_unknown(r))
+    kept = sum(1 for r in covered if spent(r))
     await _give_back(request, reservation, kept, journal if journaled else None)
     return results
 
@@ -282,7 +291,7 @@ async def handle_append(request: web.Request) -> web.Response:
     given = idempotency_header(request)
     job = append_job(request, raw)
     if given is None:
-        return _json_answer(await shielded(request.app, _plain(request, job)))
+        return _json_answer(await shielded(request, _plain(request, job)))
     state, tenant = request.app[BACKEND], current_tenant(request)
     key, owner = journal_key(tenant.id, given), new_owner()
     claim = await claim_run(state, key, await body_digest(raw), owner, settings)
@@ -290,7 +299,7 @@ async def handle_append(request: web.Request) -> web.Response:
         assert claim.answer is not None
         return _json_answer(claim.answer, replayed=True)
     run = JournalRun(state, key, owner, settings.idempotency_lease)
-    return _json_answer(await shielded(request.app, _journaled(request, job, run, claim)))
+    return _json_answer(await shielded(request, _journaled(request, job, run, claim)))
 
 
 async def _plain(request: web.Request, job: AppendJob) -> bytes:
@@ -312,13 +321,25 @@ async def _journaled(request: web.Request, job: AppendJob, run: JournalRun, clai
         keeper.cancel()
 
 
-async def shielded(app: web.Application, work: Coroutine[Any, Any, bytes]) -> bytes:
-    """``work`` in a task of its own: a client that goes away does not cut a run mid-batch."""
-    task = asyncio.create_task(work)
-    runs = app[APPEND_RUNS]  # the loop keeps only a weak reference to a task
+async def shielded(request: web.Request, work: Coroutine[Any, Any, bytes]) -> bytes:
+    """``work`` in a task of its own: a client that goes away does not cut a run mid-batch,
+    and the tenant's in-flight slot stays held until the run ends."""
+    slot = context(request).slot
+    if slot is not None:
+        slot.handed = True  # now, not when the task starts: the request may end first
+    task = asyncio.create_task(_holding(slot, work))
+    runs = request.app[APPEND_RUNS]  # the loop keeps only a weak reference to a task
     runs.add(task)
     task.add_done_callback(lambda done: _forget(runs, done))
     return await asyncio.shield(task)
+
+
+async def _holding(slot: Slot | None, work: Coroutine[Any, Any, bytes]) -> bytes:
+    try:
+        return await work
+    finally:
+        if slot is not None:
+            await slot.free()
 
 
 def _forget(runs: set[asyncio.Task[bytes]], task: asyncio.Task[bytes]) -> None:

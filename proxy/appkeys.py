@@ -11,7 +11,7 @@ from aiohttp import web
 
 from proxy.config import Settings
 from proxy.errors import ConfigIncomplete
-from proxy.limits import Limiter
+from proxy.limits import Limiter, Slot
 from proxy.metrics import Metrics
 from proxy.quotas import QuotaBook
 from proxy.ratelimit_headers import LimitState
@@ -57,6 +57,7 @@ class RequestContext:
     response_started: bool = False  # headers sent: no error envelope is possible any more
     action: str = ""  # the nxlink action, once known (usage counts requests by action)
     limits: LimitState | None = None  # the tenant's limits in force, for the RateLimit headers
+    slot: Slot | None = None  # the tenant's in-flight slot this request holds
 
 
 CONTEXT: Final = web.RequestKey("context", RequestContext)

@@ -202,11 +202,16 @@ class StateUnreachable(GatewayError):
 
 
 class UpstreamError(GatewayError):
-    """nxlink could not be reached or did not answer in time."""
+    """nxlink could not be reached or did not answer in time; ``sent`` when the request had
+    been written to it (nxlink may have acted on it: not safe to send again)."""
 
     status = 502
     error = "UPSTREAM_ERROR"
     default_message = "Upstream error"
+
+    def __init__(self, message: str | None = None, *, sent: bool = False, **kw: Any):
+        super().__init__(message, **kw)
+        self.sent = sent
 
 
 class UpstreamUnavailable(UpstreamError):

@@ -30,8 +30,9 @@ logger = logging.getLogger(__name__)
 
 HASH_INLINE_BYTES: Final = 1024 * 1024
 POLL_EVERY: Final = 0.15  # seconds between claims while another process runs the key
+UNKNOWN_PREFIX: Final = "OUTCOME_UNKNOWN:"  # every error saying nxlink may have the batch
 OUTCOME_UNKNOWN: Final = (
-    "OUTCOME_UNKNOWN: this batch was sent to nxlink but the gateway sending it stopped before "
+    f"{UNKNOWN_PREFIX} this batch was sent to nxlink but the gateway sending it stopped before "
     "the answer was recorded; check call/list before sending these numbers again"
 )
 NOT_SENT: Final = "not sent: the Idempotency-Key run was taken over or the state backend failed"
@@ -111,9 +112,17 @@ def recorded_reservation(journal: Mapping[int, JournalEntry]) -> bytes | None:
     return None if entry is None else entry.intent
 
 
+def no_answer(reason: str) -> str:
+    """The error of a batch written to nxlink whose answer never came (``reason``)."""
+    return (
+        f"{UNKNOWN_PREFIX} this batch was sent to nxlink but no answer came ({reason}); "
+        "check call/list before sending these numbers again"
+    )
+
+
 def is_unknown(result: Result) -> bool:
-    """True for a number that may have been called: its outcome was never learnt."""
-    return result.get("error", "").startswith("OUTCOME_UNKNOWN:")
+    """True when nxlink may have taken the result's number: it must not be sent again."""
+    return result.get("error", "").startswith(UNKNOWN_PREFIX)
 
 
 def unknown_result(entry: Entry, contact_id: str) -> Result:

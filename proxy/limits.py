@@ -9,9 +9,10 @@ import math
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Final
 
 from proxy.config import Settings
@@ -57,12 +58,22 @@ def prefetch_count(rate: float, burst: int) -> int:
     return max(1, min(burst, math.floor(rate * PREFETCH_SECONDS)))
 
 
+@dataclass(slots=True)
+class Slot:
+    """A held in-flight slot: freed when its request ends, unless the request ``handed`` it to
+    work that outlives it (an append run whose client left), which then calls ``free``."""
+
+    free: Callable[[], Awaitable[None]]
+    handed: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class Admission:
     """What the limiter decided for one admitted request (the rate-limit headers need it)."""
 
     policy: TenantPolicy
     rate: RateDecision | None
+    slot: Slot | None = None
 
 
 UNLIMITED: Final[AbstractAsyncContextManager[Admission | None]] = nullcontext(None)
@@ -119,11 +130,12 @@ class Limiter:
     async def _admitted(self, tenant: Tenant, policy: TenantPolicy) -> AsyncIterator[Admission]:
         # The slot before the bucket: a busy tenant wastes no token.
         holder = await self._acquire(tenant, policy.max_inflight)
+        slot = None if holder is None else Slot(partial(self._release, slot_key(tenant), holder))
         try:
-            yield Admission(policy, await self._take(tenant, policy))
+            yield Admission(policy, await self._take(tenant, policy), slot)
         finally:
-            if holder is not None:
-                await self._release(slot_key(tenant), holder)
+            if slot is not None and not slot.handed:
+                await slot.free()
 
     async def _take(self, tenant: Tenant, policy: TenantPolicy) -> RateDecision | None:
         """Spend one token of the tenant's bucket or raise 429 ``RATE_LIMITED``.

@@ -199,6 +199,7 @@ async def _limited(
     try:
         async with app[LIMITER].admit(tenant) as admitted:
             ctx.limits = limit_state(app[QUOTAS], tenant, admitted)
+            ctx.slot = None if admitted is None else admitted.slot
             if ctx.limits is not None and counted:
                 reserved = await app[QUOTAS].reserve(tenant, "requests", 1)
                 learn_quotas(ctx.limits, reserved.statuses)

@@ -1,6 +1,6 @@
 """A call/append upstream for journal tests: checks signatures, records every number it gets,
-holds the batches that carry chosen numbers until the test releases them, and refuses the
-batches that carry others."""
+holds the batches that carry chosen numbers until the test releases them, refuses the batches
+that carry others, and hangs up without an answer on those that carry a third kind."""
 
 from __future__ import annotations
 
@@ -20,11 +20,13 @@ from proxy.tenants import Credentials
 @dataclass(slots=True)
 class HoldingNxlink:
     """``received`` lists every number in arrival order; ``held`` batches wait for ``release``;
-    ``refused`` batches get an nxlink error."""
+    ``refused`` batches get an nxlink error; the connection of a batch with a ``cut`` number is
+    closed once the batch was read."""
 
     creds: Credentials
     hold: Collection[str] = ()
     refuse: Collection[str] = ()
+    cut: Collection[str] = ()
     received: list[str] = field(default_factory=list)
     holding: asyncio.Event = field(default_factory=asyncio.Event)
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -41,6 +43,8 @@ class HoldingNxlink:
             return refused
         phones = [item["phoneNumber"] for item in json.loads(raw)["list"]]
         self.received.extend(phones)
+        if set(phones) & set(self.cut) and request.transport is not None:
+            request.transport.close()
         if set(phones) & set(self.hold):
             self.holding.set()
             await self.release.wait()

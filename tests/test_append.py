@@ -348,7 +348,9 @@ async def test_connection_cut_fails_only_that_batch(
     assert status == 200
     results = body["data"]["results"]
     assert [r["success"] for r in results] == [False, False, True, True]
-    assert results[0]["error"].startswith("Upstream connection failed")
+    # nxlink read the batch before the cut: it may have taken it (test_append_outcome.py).
+    assert results[0]["error"].startswith("OUTCOME_UNKNOWN: ")
+    assert "Upstream connection failed" in results[0]["error"]
 
 
 async def test_nxlink_refusing_the_account_fails_every_number_not_the_request(

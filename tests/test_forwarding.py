@@ -890,7 +890,25 @@ async def test_upstream_slower_than_upstream_timeout_is_504(start: StartPair) ->
     finally:
         release.set()
     assert (resp.status, answer["code"], answer["error"]) == (504, 504, "UPSTREAM_TIMEOUT")
+    assert set(answer) == {"code", "message", "error"}
     assert time.monotonic() - started < 3
+
+
+async def test_upstream_hanging_up_before_answering_is_502(start: StartPair) -> None:
+    async def hang_up(request: web.Request) -> web.Response:
+        await request.read()
+        assert request.transport is not None
+        request.transport.close()
+        return web.Response()
+
+    upstream, gateway = await start({"/openapi/test/hang-up": hang_up})
+    resp = await gateway.post(
+        "/openapi/test/hang-up", data=b"{}", headers={"x-api-key": KEY_A, "action": "h"}
+    )
+    answer = await resp.json()
+    assert (resp.status, answer["code"], answer["error"]) == (502, 502, "UPSTREAM_UNAVAILABLE")
+    assert set(answer) == {"code", "message", "error"}
+    assert [r.path for r in upstream.received] == ["/openapi/test/hang-up"]  # sent once
 
 
 async def test_head_is_forwarded_and_answered_without_a_body(start: StartPair) -> None:

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 from aiohttp import ClientResponse, web
+from aiohttp.test_utils import TestServer
 
 from proxy import cli
 from proxy.app import create_app
-from proxy.appkeys import LIMITER
+from proxy.appkeys import APPEND_RUNS, LIMITER, METRICS
 from proxy.config import Settings, parse_settings
 from proxy.errors import TooManyRequests
 from proxy.limits import SLOT_TTL, SPARE_TTL, Limiter, TenantPolicy, prefetch_count
@@ -32,10 +33,20 @@ from tests.conftest import (
     make_settings,
     make_tenant,
 )
-from tests.processes import HELD_ACTION, HELD_PATH, Gate, free_port, tenant_entry, write_tenants
+from tests.holding_nxlink import HoldingNxlink
+from tests.processes import (
+    HELD_ACTION,
+    HELD_PATH,
+    Gate,
+    eventually,
+    free_port,
+    tenant_entry,
+    write_tenants,
+)
 from tests.state_fakes import FakeClock, SwitchableState
 
 TASK_LIST = "/openapi/aiagent/task/list"
+APPEND = "/api/openapi/append-numbers"
 
 
 async def task_list(client: Client, key: str) -> ClientResponse:
@@ -346,6 +357,45 @@ async def test_tenant_override_raises_the_in_flight_cap(
     assert (await task_list(client, KEY_A)).status == 429
     gate.release.set()
     assert [(await t).status for t in (first, second)] == [200, 200]
+
+
+async def test_an_append_run_whose_client_left_keeps_the_in_flight_slot_until_it_ends(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], make_gateway: MakeGateway
+) -> None:
+    phones = ["13700000001", "13700000002"]
+    nxlink = HoldingNxlink(CREDS_A, hold={phones[0]})
+    server = await aiohttp_server(nxlink.app())
+    base = str(server.make_url("")).rstrip("/")
+    tenant = make_tenant("tenant-a", KEY_A, base, CREDS_A, limits=Limits(max_inflight=1))
+    client = await make_gateway([tenant])
+    headers = {"x-api-key": KEY_A}
+
+    async def append(phone: str) -> ClientResponse:
+        body = {"taskId": "t", "phoneNumbers": [phone]}
+        response = await client.post(APPEND, json=body, headers=headers)
+        await response.read()
+        return response
+
+    async def handler_ended() -> bool:
+        return client.app[METRICS].in_flight == 0
+
+    async def run_ended() -> bool:
+        return not client.app[APPEND_RUNS]
+
+    leaving = asyncio.create_task(append(phones[0]))
+    try:
+        async with asyncio.timeout(10):
+            await nxlink.holding.wait()
+        leaving.cancel()  # the client goes away; its run goes on at nxlink
+        await asyncio.gather(leaving, return_exceptions=True)
+        await eventually(handler_ended, what="the gateway to end the left request's handler")
+        busy = await append(phones[1])
+        assert (busy.status, (await busy.json())["error"]) == (429, "TENANT_BUSY")
+    finally:
+        nxlink.release.set()
+    await eventually(run_ended, what="the left run to finish")
+    assert (await append(phones[1])).status == 200
+    assert nxlink.received == phones
 
 
 # --- key rotation: one tenant, several keys, one bucket --------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -184,6 +185,7 @@ async def test_connect_failures_give_up_after_max_attempts_as_unavailable(
     assert clock.calls == MAX_ATTEMPTS == 3
     assert caught.value.status == 502
     assert isinstance(caught.value.__cause__, ConnectFailed)
+    assert not caught.value.sent  # nothing reached nxlink: safe to send again
 
 
 @pytest.fixture
@@ -219,6 +221,8 @@ async def test_failure_after_the_request_was_sent_is_not_retried(
             pytest.fail("no response was expected")
     assert (clock.calls, len(connections)) == (1, 1)
     assert isinstance(caught.value.__cause__, ResponseBroken)
+    assert (caught.value.status, caught.value.code) == (502, "UPSTREAM_UNAVAILABLE")
+    assert caught.value.sent  # nxlink may have acted on it
 
 
 async def test_upstream_error_status_is_returned_not_retried(
@@ -271,6 +275,35 @@ async def test_no_response_headers_within_the_timeout_is_upstream_timeout(
             pytest.fail("no response was expected")
     assert (caught.value.status, caught.value.code) == (504, "UPSTREAM_TIMEOUT")
     assert clock.calls == 1
+    assert caught.value.sent  # written, then no answer: nxlink may have acted on it
+
+
+async def test_a_timeout_waiting_for_a_pool_slot_sent_nothing(late_sandbox: LateServer) -> None:
+    late_sandbox.open()
+    pool = create_pool(make_settings(UPSTREAM_MAX_CONNECTIONS="1"))
+    client = UpstreamClient(pool, timeout=0.2, clock=ScriptedClock([NOW]))
+    try:
+        async with client.open(task_list_request(late_sandbox.port)):  # holds the one slot
+            with pytest.raises(UpstreamTimeout) as caught:
+                async with client.open(task_list_request(late_sandbox.port)):
+                    pytest.fail("no response was expected")
+    finally:
+        await pool.close()
+    assert (caught.value.status, caught.value.code) == (504, "UPSTREAM_TIMEOUT")
+    assert not caught.value.sent
+    assert len(late_sandbox.received) == 1
+
+
+async def test_a_timeout_in_the_tls_handshake_sent_nothing(pool: Pool, stalled_server: int) -> None:
+    client = UpstreamClient(pool, timeout=0.2, clock=ScriptedClock([NOW]))
+    request = dataclasses.replace(
+        task_list_request(stalled_server), url=URL(f"https://127.0.0.1:{stalled_server}/x")
+    )
+    with pytest.raises(UpstreamTimeout) as caught:
+        async with client.open(request):
+            pytest.fail("no response was expected")
+    assert (caught.value.status, caught.value.code) == (504, "UPSTREAM_TIMEOUT")
+    assert not caught.value.sent
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from proxy.errors import UpstreamTimeout, UpstreamUnavailable
 from proxy.nxlink import now_ms
 from proxy.signing import sign_headers
 from proxy.tenants import Credentials
-from proxy.upstream.faults import ConnectFailed, StaleConnection
+from proxy.upstream.faults import AnswerTimedOut, ConnectFailed, ResponseBroken, StaleConnection
 from proxy.upstream.pool import Pool
 from proxy.upstream.response import Response
 
@@ -96,14 +96,15 @@ class UpstreamClient:
         return response
 
     async def _attempts(self, request: UpstreamRequest, deadline: float) -> Response:
-        """Up to MAX_ATTEMPTS connects; one replay on a new connection after a stale one."""
+        """Up to MAX_ATTEMPTS connects; one replay on a new connection after a stale one. The
+        error says whether the request had been ``sent`` (nxlink may have acted on it)."""
         fresh = False
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
                 return await self._send_once(request, deadline, fresh)
             except TimeoutError as exc:
                 message = f"Upstream did not answer within {self.timeout:g}s"
-                raise UpstreamTimeout(message) from exc
+                raise UpstreamTimeout(message, sent=isinstance(exc, AnswerTimedOut)) from exc
             except ConnectFailed as exc:
                 if attempt == MAX_ATTEMPTS:
                     message = f"Cannot connect to upstream {request.url.host}"
@@ -171,7 +172,8 @@ def _replayable(request: UpstreamRequest) -> bool:
 
 
 def _unavailable(exc: ConnectionError) -> UpstreamUnavailable:
-    return UpstreamUnavailable(f"Upstream connection failed ({exc.__class__.__name__})")
+    message = f"Upstream connection failed ({exc.__class__.__name__})"
+    return UpstreamUnavailable(message, sent=isinstance(exc, ResponseBroken))
 
 
 def json_headers(request_id: str) -> list[tuple[str, str]]:

@@ -6,7 +6,7 @@ import asyncio
 import socket
 from typing import TYPE_CHECKING, cast
 
-from proxy.upstream.faults import ConnectFailed, ResponseBroken, StaleConnection
+from proxy.upstream.faults import AnswerTimedOut, ConnectFailed, ResponseBroken, StaleConnection
 from proxy.upstream.framing import AnswerParser, BodyStream, Head, PoolKey
 from proxy.upstream.response import Response
 
@@ -92,7 +92,7 @@ class Connection(asyncio.Protocol):
         stream: BodyStream | None,
         deadline: float | None,
     ) -> Response:
-        """Write the request and wait for the answer's status and headers (TimeoutError past
+        """Write the request and wait for the answer's status and headers (AnswerTimedOut past
         ``deadline``, in loop time)."""
         assert self._transport is not None
         if not self.usable:
@@ -124,7 +124,7 @@ class Connection(asyncio.Protocol):
     def _expire(self) -> None:
         head = self._parser.head
         if head is not None and not head.done():
-            head.set_exception(TimeoutError("No answer before the deadline"))
+            head.set_exception(AnswerTimedOut("No answer before the deadline"))
 
     async def _write_stream(self, stream: BodyStream, chunked: bool) -> None:
         assert self._transport is not None

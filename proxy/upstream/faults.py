@@ -23,3 +23,8 @@ class TLSFailed(ConnectionError):
 
 class ReadTimedOut(ResponseBroken):
     """nxlink sent nothing for longer than the read timeout in the middle of an answer."""
+
+
+class AnswerTimedOut(TimeoutError):
+    """The request was written but no answer's head came before the deadline: nxlink may have
+    acted on it (a wait for a pool slot or a connection that timed out sent nothing)."""

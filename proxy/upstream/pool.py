@@ -64,7 +64,8 @@ class Pool:
         """Send one request; the caller must ``release()`` the response it gets.
 
         ``deadline`` (loop time) bounds waiting for a free slot, connecting and the answer's
-        headers: past it, TimeoutError. A connect failure before it is ConnectFailed.
+        headers: past it, TimeoutError (AnswerTimedOut once the request was written). A
+        connect failure before it is ConnectFailed.
         ``fresh`` skips the idle connections (a retry after one turned out closed)."""
         key = (tenant, *origin_of(url))
         head = build_head(method, url, headers, body, stream)

@@ -4,6 +4,7 @@ reachability, errors as ``StateUnavailable``, durability, expiry, and no passwor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from pathlib import Path
@@ -220,3 +221,29 @@ async def test_a_redis_claim_sent_twice_by_its_owner_stays_its_own(
         assert other.status is ClaimStatus.RUNNING
     finally:
         await backend.close()
+
+
+async def test_a_failed_sqlite_commit_is_rolled_back_and_the_backend_works_again(
+    tmp_path: Path,
+) -> None:
+    """SQLite keeps a transaction open when its COMMIT fails (as on SQLITE_BUSY); here the
+    COMMIT is refused by an authorizer on the backend's own connection, then allowed again."""
+    path = tmp_path / "state.db"
+    backend = SqliteState(f"sqlite:///{path}")
+    await backend.ping()  # opens the file
+    connection = backend._db
+    assert connection is not None
+
+    def refuse_commit(action: int, arg: str | None, *_rest: str | None) -> int:
+        commit = action == sqlite3.SQLITE_TRANSACTION and arg == "COMMIT"
+        return sqlite3.SQLITE_DENY if commit else sqlite3.SQLITE_OK
+
+    connection.set_authorizer(refuse_commit)
+    with pytest.raises(StateUnavailable, match="not authorized"):
+        await backend.take_token("t", 1.0, 5, NOW)
+    connection.set_authorizer(None)
+    with contextlib.closing(sqlite3.connect(path, timeout=0.1)) as other:
+        other.execute("BEGIN IMMEDIATE")  # no write lock was left behind
+        other.rollback()
+    assert (await backend.take_token("t", 1.0, 5, NOW)).remaining == 4  # the first rolled back
+    await backend.close()

@@ -42,16 +42,23 @@ class ResilientState:
         self.on_error, self.clock = on_error, clock
         self.available = True
         self._retry_at = 0.0
+        self._probing = False  # a call is trying the backend that failed
         self._logged_at = -LOG_EVERY
 
     async def shared_or_local(self, operation: Operation[T]) -> T:
-        """``operation`` on the shared backend, or on this process's memory while it is down."""
-        if not self.available and self.clock() < self._retry_at:
+        """``operation`` on the shared backend, or on this process's memory while it is down
+        (one call at a time tries the backend again; the others meanwhile stay in memory)."""
+        probe = not self.available
+        if probe and (self._probing or self.clock() < self._retry_at):
             return await operation(self.local)
+        self._probing = self._probing or probe  # this call is the one that tries
         try:
             return await self.shared_only(operation)
         except StateUnavailable:
             return await operation(self.local)
+        finally:
+            if probe:
+                self._probing = False
 
     async def shared_only(self, operation: Operation[T], timeout: float = CALL_TIMEOUT) -> T:
         """``operation`` on the shared backend; raises ``StateUnavailable`` when it fails."""

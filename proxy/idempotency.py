@@ -16,7 +16,7 @@ import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, cast
 
 from proxy import errors
@@ -143,14 +143,18 @@ class JournalRun:
     key: str
     owner: str
     lease: float
-    lost: bool = False  # the claim is another owner's now: send nothing more
+    lost: bool = False  # the claim is another owner's now, or its lease lapsed: send nothing more
     state_failed: bool = False
+    held_until: float = field(init=False, default=0.0)  # monotonic: how long the lease lasts
+
+    def __post_init__(self) -> None:
+        self.held_until = time.monotonic() + self.lease
 
     async def send(
         self, batch: Batch, send: Callable[[Batch], Awaitable[list[Result]]]
     ) -> list[Result]:
         """Record the intent, send, record the outcome; never send once the claim is lost."""
-        if self.lost or not await self._record(batch.index, encode_intent(batch)):
+        if not self._held() or not await self._record(batch.index, encode_intent(batch)):
             return [not_sent(item["phoneNumber"], item["contactId"]) for item in batch.items]
         results = await send(batch)
         outcome = encode_outcome(results)
@@ -164,7 +168,7 @@ class JournalRun:
     async def record_reservation(self, reservation: bytes) -> bool:
         """Record the run's quota reservation (before any batch is sent, and again as settled
         before giving back); False, and nothing more is sent, once the claim is lost."""
-        return not self.lost and await self._record(RESERVATION_INDEX, reservation)
+        return self._held() and await self._record(RESERVATION_INDEX, reservation)
 
     async def _record(self, index: int, intent: bytes) -> bool:
         now = time.time()
@@ -178,16 +182,29 @@ class JournalRun:
         return recorded
 
     async def keep_lease(self) -> None:
-        """Renew the claim every third of its lease until cancelled or lost."""
+        """Renew the claim every third of its lease until cancelled or lost, on a schedule kept
+        from the start: a renewal gets at most that third, so a slow one never delays the next."""
+        every = self.lease / 3
+        due = time.monotonic()
         while not self.lost:
-            await asyncio.sleep(self.lease / 3)
+            due += every
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            asked = time.monotonic()
             try:
                 kept = await self.state.shared_only(
-                    lambda s: s.renew(self.key, self.owner, self.lease, time.time())
+                    lambda s: s.renew(self.key, self.owner, self.lease, time.time()), every
                 )
             except StateUnavailable:
-                continue  # record_intent refuses once the lease lapsed: nothing is sent then
+                continue  # the lease lapses at held_until unless a later renewal answers
             self.lost = self.lost or not kept
+            self.held_until = asked + self.lease
+
+    def _held(self) -> bool:
+        """False once the claim is lost or its lease lapsed with no renewal known to answer."""
+        if not self.lost and time.monotonic() >= self.held_until:
+            self.lost = self.state_failed = True
+            logger.warning("Idempotency-Key lease lapsed: state too slow or unavailable")
+        return not self.lost
 
     async def finish(self, answer: bytes, ttl: float) -> None:
         """Store the answer for repeats (a run that lost its claim or the backend answers its

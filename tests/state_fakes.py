@@ -1,7 +1,10 @@
-"""Test doubles for state: a hand-moved clock, and a backend that counts calls and can stop."""
+"""Test doubles for state: a hand-moved clock, and a backend that counts calls, can stop, and can
+leave calls unanswered."""
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -42,7 +45,8 @@ class FakeClock:
 
 
 class SwitchableState(MemoryState):
-    """``MemoryState`` whose every operation is counted and fails while ``down`` is set."""
+    """``MemoryState`` whose every operation is counted and fails while ``down`` is set; the
+    next ``stalls[name]`` calls of an operation never answer (until the caller gives up)."""
 
     url = "switchable://"
 
@@ -50,6 +54,7 @@ class SwitchableState(MemoryState):
         super().__init__()
         self.calls: list[str] = []
         self.down = False
+        self.stalls: Counter[str] = Counter()
 
     def __getattribute__(self, name: str) -> Any:
         attr = super().__getattribute__(name)
@@ -65,6 +70,9 @@ def _watched(
         state.calls.append(name)
         if state.down:
             raise StateUnavailable("switched off by the test")
+        if state.stalls[name] > 0:
+            state.stalls[name] -= 1
+            await asyncio.Event().wait()  # cancelled by the caller's deadline
         return await operation(*args, **kwargs)
 
     return call

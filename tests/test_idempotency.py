@@ -12,15 +12,20 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from proxy import errors
 from proxy.app import create_app
 from proxy.appkeys import STATE
+from proxy.batches import Batch, Result
 from proxy.config import Quotas
-from proxy.idempotency import OUTCOME_UNKNOWN, journal_key
+from proxy.idempotency import NOT_SENT, OUTCOME_UNKNOWN, JournalRun, journal_key
 from proxy.nxlink import APPEND_PATH
 from proxy.state import MemoryState, StateBackend, StateUnavailable
+from proxy.state.base import ClaimStatus
+from proxy.state.fallback import ResilientState
 from proxy.tenants import Registry, Tenant
 from tests.conftest import CREDS_A, KEY_A, Client, Upstream, make_settings, make_tenant
 from tests.holding_nxlink import HoldingNxlink
@@ -221,3 +226,54 @@ async def test_shutdown_waits_for_a_run_whose_client_left(
         await closing
     assert nxlink.received == PHONES
     assert "complete" in backend.calls
+
+
+async def owned_run(backend: SwitchableState, lease: float) -> JournalRun:
+    """A run that owner-1 has just claimed, as append-numbers starts one."""
+    claim = await backend.claim("lease-key", "fp", "owner-1", lease, 600, time.time())
+    assert claim.status is ClaimStatus.NEW
+    return JournalRun(ResilientState(backend), "lease-key", "owner-1", lease)
+
+
+async def stop(keeper: asyncio.Task[None]) -> None:
+    keeper.cancel()
+    await asyncio.gather(keeper, return_exceptions=True)
+
+
+async def test_a_renewal_that_never_answers_does_not_let_a_live_run_be_taken_over() -> None:
+    """Renewals keep their schedule, each given a third of the lease: one that hangs is given
+    up in time for the next to keep the lease (it used to wait CALL_TIMEOUT, past the lease)."""
+    backend, lease = SwitchableState(), 0.9
+    run = await owned_run(backend, lease)
+    backend.stalls["renew"] = 1
+    keeper = asyncio.create_task(run.keep_lease())
+    try:
+        await asyncio.sleep(lease * 1.5)  # the lease's own time passing is what is tested
+        repeat = await backend.claim("lease-key", "fp", "owner-2", lease, 600, time.time())
+    finally:
+        await stop(keeper)
+    assert repeat.status is ClaimStatus.RUNNING
+    assert not run.lost and backend.calls.count("renew") >= 3
+
+
+async def test_a_run_whose_lease_lapsed_unrenewed_sends_nothing_more_and_answers_503() -> None:
+    backend, lease = SwitchableState(), 0.3
+    run = await owned_run(backend, lease)
+    backend.stalls["renew"] = 100  # no renewal ever answers
+    keeper = asyncio.create_task(run.keep_lease())
+    sent: list[Batch] = []
+
+    async def send(batch: Batch) -> list[Result]:
+        sent.append(batch)
+        return [{"phoneNumber": "13900000000", "success": True, "contactId": "c0"}]
+
+    batch = Batch((0,), ({"phoneNumber": "13900000000", "contactId": "c0"},))
+    try:
+        await asyncio.sleep(lease * 1.5)
+        results = await run.send(batch, send)
+    finally:
+        await stop(keeper)
+    assert sent == [] and "record_intent" not in backend.calls
+    assert [r.get("error") for r in results] == [NOT_SENT]
+    with pytest.raises(errors.StateUnreachable):
+        run.check()

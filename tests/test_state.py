@@ -4,18 +4,22 @@ reachability, errors as ``StateUnavailable``, durability, expiry, and no passwor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import redis
 
-from proxy.state import MemoryState, check_state, describe_state, open_state
+from proxy.state import MemoryState, StateBackend, check_state, describe_state, open_state
 from proxy.state import sqlite as sqlite_backend
 from proxy.state.base import ClaimStatus, QuotaCharge, StateUnavailable
 from proxy.state.redis import RedisState
 from proxy.state.sqlite import SqliteState
+from tests.hostile import Peer, raw_upstream
 from tests.processes import free_port
 from tests.redis_server import RedisServer, RedisServerError
 
@@ -205,7 +209,7 @@ async def test_redis_with_a_password_and_a_unix_socket(
 async def test_a_redis_claim_sent_twice_by_its_owner_stays_its_own(
     redis_server: RedisServer,
 ) -> None:
-    """A reply lost on the way back makes redis-py send the script again: the owner must find
+    """A reply lost on the way back makes the backend send the claim again: the owner must find
     its own claim (with its journal), not a run of someone else's to wait for."""
     redis_server.flush()
     backend = open_state(redis_server.url)
@@ -220,3 +224,106 @@ async def test_a_redis_claim_sent_twice_by_its_owner_stays_its_own(
         assert other.status is ClaimStatus.RUNNING
     finally:
         await backend.close()
+
+
+async def test_a_failed_sqlite_commit_is_rolled_back_and_the_backend_works_again(
+    tmp_path: Path,
+) -> None:
+    """SQLite keeps a transaction open when its COMMIT fails (as on SQLITE_BUSY); here the
+    COMMIT is refused by an authorizer on the backend's own connection, then allowed again."""
+    path = tmp_path / "state.db"
+    backend = SqliteState(f"sqlite:///{path}")
+    await backend.ping()  # opens the file
+    connection = backend._db
+    assert connection is not None
+
+    def refuse_commit(action: int, arg: str | None, *_rest: str | None) -> int:
+        commit = action == sqlite3.SQLITE_TRANSACTION and arg == "COMMIT"
+        return sqlite3.SQLITE_DENY if commit else sqlite3.SQLITE_OK
+
+    connection.set_authorizer(refuse_commit)
+    with pytest.raises(StateUnavailable, match="not authorized"):
+        await backend.take_token("t", 1.0, 5, NOW)
+    connection.set_authorizer(None)
+    with contextlib.closing(sqlite3.connect(path, timeout=0.1)) as other:
+        other.execute("BEGIN IMMEDIATE")  # no write lock was left behind
+        other.rollback()
+    assert (await backend.take_token("t", 1.0, 5, NOW)).remaining == 4  # the first rolled back
+    await backend.close()
+
+
+@dataclass
+class ReplyCutter:
+    """A relay to Redis: armed with a command name, it passes the next command that has it on
+    to Redis (where it runs) and cuts the client's connection instead of relaying the reply."""
+
+    redis_port: int
+    armed: bytes | None = None
+
+    async def relay(self, peer: Peer) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.redis_port)
+        cut = asyncio.Event()
+
+        async def commands() -> None:
+            while data := await peer.reader.read(65536):
+                if self.armed is not None and self.armed in data:
+                    self.armed = None
+                    cut.set()
+                writer.write(data)
+                await writer.drain()
+
+        async def replies() -> None:
+            while (data := await reader.read(65536)) and not cut.is_set():
+                await peer.send(data)
+
+        pumps = [asyncio.create_task(commands()), asyncio.create_task(replies())]
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            writer.transport.abort()
+
+
+@contextlib.asynccontextmanager
+async def cut_replies(server: RedisServer) -> AsyncIterator[tuple[ReplyCutter, StateBackend]]:
+    """A backend that reaches ``server`` through a ``ReplyCutter``."""
+    server.flush()
+    cutter = ReplyCutter(server.port)
+    async with raw_upstream(cutter.relay) as relay:
+        backend = open_state(f"redis://127.0.0.1:{relay.port}/0")
+        try:
+            yield cutter, backend
+        finally:
+            await backend.close()
+
+
+async def test_a_redis_reservation_whose_reply_was_lost_fails_and_is_not_sent_again(
+    redis_server: RedisServer,
+) -> None:
+    async with cut_replies(redis_server) as (cutter, backend):
+        await backend.reserve([QuotaCharge("warm", 10, 1, time.time() + 600)])  # loads it
+        cutter.armed = b"EVALSHA"
+        with pytest.raises(StateUnavailable):
+            await backend.reserve([QuotaCharge("q", 10, 3, time.time() + 600)])
+        assert await backend.quota_used(["q"]) == [3]  # it ran once on Redis
+
+
+async def test_a_redis_usage_transaction_whose_reply_was_lost_is_not_sent_again(
+    redis_server: RedisServer,
+) -> None:
+    async with cut_replies(redis_server) as (cutter, backend):
+        await backend.ping()
+        cutter.armed = b"EXEC"
+        with pytest.raises(StateUnavailable):
+            await backend.add_usage({("t", "2026-12-01"): {"requests": 2}}, 86_400)
+        assert await backend.read_usage("t", ["2026-12-01"]) == {"2026-12-01": {"requests": 2}}
+
+
+async def test_a_redis_read_whose_reply_was_lost_is_sent_again(redis_server: RedisServer) -> None:
+    async with cut_replies(redis_server) as (cutter, backend):
+        await backend.reserve([QuotaCharge("q", 10, 4, time.time() + 600)])
+        cutter.armed = b"MGET"
+        assert await backend.quota_used(["q"]) == [4]
+        assert cutter.armed is None  # the first MGET's reply was cut

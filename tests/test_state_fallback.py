@@ -3,6 +3,7 @@ memory while the backend is down, and sharing again once it answers."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -11,9 +12,12 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import create_app
+from proxy.state import StateUnavailable, open_state
+from proxy.state.base import RateDecision, StateBackend
 from proxy.state.fallback import LOG_EVERY, RETRY_EVERY, ResilientState
 from proxy.tenants import Limits, Registry
 from tests.conftest import CREDS_A, KEY_A, Client, Upstream, make_settings, make_tenant
+from tests.hostile import Peer, raw_upstream
 from tests.state_fakes import FakeClock, SwitchableState
 
 TASK_LIST = "/openapi/aiagent/task/list"
@@ -115,3 +119,26 @@ async def test_the_unavailable_warning_is_logged_at_most_once_a_minute(
         clock.now += LOG_EVERY
         await state.shared_or_local(lambda s: s.take_token("k", 1.0, 1, 0.0))
     assert sum("unavailable" in r.getMessage() for r in caplog.records) == 2
+
+
+async def take(backend: StateBackend) -> RateDecision:
+    return await backend.take_token("k", 1.0, 100, 0.0)
+
+
+async def test_after_the_retry_time_one_call_tries_the_backend_and_the_others_stay_local() -> None:
+    async with raw_upstream(Peer.hold) as silent:  # a "Redis" that accepts and never answers
+        backend, clock = open_state(f"redis://127.0.0.1:{silent.port}/0"), FakeClock()
+        state = ResilientState(backend, clock=clock)
+        with pytest.raises(StateUnavailable):
+            await state.shared_only(lambda s: s.ping(), timeout=0.05)
+        clock.now += RETRY_EVERY
+        connections = len(silent.peers)
+        calls = [asyncio.create_task(state.shared_or_local(take)) for _ in range(20)]
+        done, pending = await asyncio.wait(calls, timeout=0.5)
+        assert (len(done), len(pending)) == (19, 1)  # the one trying waits on the backend
+        assert all(call.result().allowed for call in done)
+        assert len(silent.peers) - connections <= 1
+        for call in pending:
+            call.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await backend.close()

@@ -43,6 +43,7 @@ class ResilientState:
         self.on_error, self.clock = on_error, clock
         self.available = True
         self._retry_at = 0.0
+        self._probing = False  # a call is trying the backend that failed
         self._logged_at = -LOG_EVERY
 
     async def shared_or_local(self, operation: Operation[T]) -> T:
@@ -51,13 +52,19 @@ class ResilientState:
         return result
 
     async def located(self, operation: Operation[T]) -> tuple[T, Where]:
-        """``operation`` as ``shared_or_local`` runs it, and which backend ran it."""
-        if not self.available and self.clock() < self._retry_at:
+        """``operation`` as ``shared_or_local`` runs it, and which backend ran it (one call at a
+        time tries a down backend again; the others meanwhile stay in memory)."""
+        probe = not self.available
+        if probe and (self._probing or self.clock() < self._retry_at):
             return await operation(self.local), "local"
+        self._probing = self._probing or probe  # this call is the one that tries
         try:
             return await self.shared_only(operation), "shared"
         except StateUnavailable:
             return await operation(self.local), "local"
+        finally:
+            if probe:
+                self._probing = False
 
     async def on(self, where: Where, operation: Operation[T]) -> T:
         """``operation`` on the backend that ``located`` named (``shared`` may raise

@@ -3,11 +3,15 @@
 redis-py's asyncio client does the talking. Every decision is one Lua script (``proxy.state.lua``)
 run with EVALSHA, so that it is atomic on the server; counters that only add go in one
 MULTI/EXEC transaction. Keys start with ``nxp:``. Timeouts are short: a Redis that does not
-answer makes the call fail fast with ``StateUnavailable`` instead of holding the request."""
+answer makes the call fail fast with ``StateUnavailable`` instead of holding the request.
+
+A call whose connection broke may have run on the server with its answer lost on the way back.
+Only reads and calls that do the same when run twice are sent again (``_call_again``); any
+other fails as ``StateUnavailable``, so that no token, reservation or count is taken twice."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar
 
 import redis.asyncio as aioredis
@@ -48,10 +52,13 @@ class RedisState:
             url,
             socket_connect_timeout=TIMEOUT,
             socket_timeout=TIMEOUT,
-            # One retry on a broken connection (a pooled one that died with a restarted
-            # server fails its next command), none on a timeout: a decision whose answer is
-            # late may have been applied, and doing it twice would take two tokens.
-            retry=Retry(NoBackoff(), 1, supported_errors=(BrokenConnection,)),
+            # No resending by redis-py: its Retry sends a command whole again after a broken
+            # connection, also one that ran and lost its answer (see _call_again).
+            retry=Retry(NoBackoff(), 0),
+            # RESP2, so that the pool replaces a connection the server closed (a restart)
+            # before sending on it: under RESP3, redis-py 8.1's asyncio pool skips that check
+            # (redis/redis-py#4252) and the command sent on the dead connection fails.
+            protocol=2,
         )
         register = self._client.register_script
         self._take_token = register(lua.TAKE_TOKEN)
@@ -67,7 +74,7 @@ class RedisState:
         self._give_back = register(lua.GIVE_BACK)
 
     async def ping(self) -> None:
-        await self._call(self._client.ping())
+        await self._call_again(self._client.ping)
 
     async def close(self) -> None:
         await self._call(self._client.aclose())
@@ -88,11 +95,12 @@ class RedisState:
         return bool(await self._call(self._acquire_slot(keys, (holder, cap, ttl, now))))
 
     async def release_slot(self, key: str, holder: str) -> None:
-        await self._call(self._client.zrem(_key("slots", key), holder))
+        await self._call_again(lambda: self._client.zrem(_key("slots", key), holder))
 
     async def renew_slots(self, key: str, holders: Sequence[str], ttl: float, now: float) -> None:
         if holders:
-            await self._call(self._renew_slots([_key("slots", key)], (ttl, now, *holders)))
+            keys = [_key("slots", key)]
+            await self._call_again(lambda: self._renew_slots(keys, (ttl, now, *holders)))
 
     # idempotency journal
 
@@ -100,7 +108,7 @@ class RedisState:
         self, key: str, fingerprint: str, owner: str, lease: float, ttl: float, now: float
     ) -> Claim:
         args = (fingerprint, owner, lease, ttl, now)
-        reply = await self._call(self._claim(_run_keys(key), args))
+        reply = await self._call_again(lambda: self._claim(_run_keys(key), args))  # see lua.CLAIM
         status = ClaimStatus(reply[0].decode())
         if status is ClaimStatus.DONE:
             return Claim(status, answer=reply[1])
@@ -110,23 +118,24 @@ class RedisState:
 
     async def renew(self, key: str, owner: str, lease: float, now: float) -> bool:
         keys = [_key("run", key)]
-        return bool(await self._call(self._renew(keys, (owner, lease, now))))
+        return bool(await self._call_again(lambda: self._renew(keys, (owner, lease, now))))
 
     async def record_intent(
         self, key: str, owner: str, batch: int, intent: bytes, now: float
     ) -> bool:
         args = (owner, now, batch, intent)
-        return bool(await self._call(self._record_intent(_run_keys(key), args)))
+        return bool(await self._call_again(lambda: self._record_intent(_run_keys(key), args)))
 
     async def record_outcome(self, key: str, batch: int, outcome: bytes) -> None:
-        await self._call(self._record_outcome([_key("journal", key)], (batch, outcome)))
+        keys = [_key("journal", key)]
+        await self._call_again(lambda: self._record_outcome(keys, (batch, outcome)))
 
     async def complete(self, key: str, owner: str, answer: bytes, ttl: float, now: float) -> bool:
         args = (owner, answer, ttl, now)
         return bool(await self._call(self._complete(_run_keys(key), args)))
 
     async def abandon(self, key: str, owner: str) -> None:
-        await self._call(self._abandon([_key("run", key)], (owner,)))
+        await self._call_again(lambda: self._abandon([_key("run", key)], (owner,)))
 
     # quotas
 
@@ -144,7 +153,8 @@ class RedisState:
     async def quota_used(self, keys: Sequence[str]) -> list[int]:
         if not keys:
             return []
-        values = await self._call(self._client.mget([_key("quota", k) for k in keys]))
+        names = [_key("quota", k) for k in keys]
+        values = await self._call_again(lambda: self._client.mget(names))
         return [0 if value is None else int(value) for value in values]
 
     # usage and audit
@@ -159,10 +169,13 @@ class RedisState:
         await self._call(pipe.execute())
 
     async def read_usage(self, tenant: str, days: Sequence[str]) -> dict[str, dict[str, int]]:
-        pipe = self._client.pipeline(transaction=False)
-        for day in days:
-            pipe.hgetall(_usage_key(tenant, day))
-        found = await self._call(pipe.execute())
+        def read() -> Awaitable[list[Any]]:
+            pipe = self._client.pipeline(transaction=False)
+            for day in days:
+                pipe.hgetall(_usage_key(tenant, day))
+            return pipe.execute()
+
+        found = await self._call_again(read)
         return {
             day: {name.decode(): int(n) for name, n in counters.items()}
             for day, counters in zip(days, found, strict=True)
@@ -180,7 +193,7 @@ class RedisState:
     async def read_audit(self, limit: int) -> list[bytes]:
         if limit <= 0:
             return []
-        entries = await self._call(self._client.lrange(AUDIT_KEY, 0, limit - 1))
+        entries = await self._call_again(lambda: self._client.lrange(AUDIT_KEY, 0, limit - 1))
         return [entry for entry in entries if isinstance(entry, bytes)]
 
     async def _call(self, pending: Awaitable[T]) -> T:
@@ -189,6 +202,16 @@ class RedisState:
             return await pending
         except (RedisError, OSError) as exc:
             raise StateUnavailable(f"redis {self.url}: {type(exc).__name__}: {exc}") from exc
+
+    async def _call_again(self, send: Callable[[], Awaitable[T]]) -> T:
+        """A read, or a call that does the same when run twice: sent once more if the
+        connection broke (not after a timeout: the server may just be slow)."""
+        try:
+            return await self._call(send())
+        except StateUnavailable as exc:
+            if not isinstance(exc.__cause__, BrokenConnection):
+                raise
+        return await self._call(send())
 
 
 def _key(kind: str, key: str) -> str:

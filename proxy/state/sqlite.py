@@ -266,11 +266,13 @@ class SqliteState:
         db.execute(begin)
         try:
             result = step(db)
+            db.execute("COMMIT")
         except BaseException:
+            # A COMMIT that fails (SQLITE_BUSY among others) leaves the transaction open: every
+            # later BEGIN would fail, and a BEGIN IMMEDIATE's write lock would stay held.
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
         return result
 
     def _open(self) -> Db:

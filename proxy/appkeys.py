@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from aiohttp import web
@@ -29,6 +29,10 @@ class GatewayState:
     registry: Registry
     ready: bool = False
     draining: bool = False
+    # Held by whoever reads the tenants file to swap a registry in (a reload, an admin write or
+    # read), from the read to the swap: so a registry read earlier is never swapped in later,
+    # over one from a newer file.
+    swap_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 SETTINGS: Final = web.AppKey("settings", Settings)

@@ -67,6 +67,12 @@ class UsageLedger:
         day["numbersAppended"] = day.get("numbersAppended", 0) + appended
         day["numbersFailed"] = day.get("numbersFailed", 0) + failed
 
+    def count_upstream_error(self, tenant: Tenant) -> None:
+        """One exchange with nxlink that failed inside a request answered otherwise (a batch of
+        append-numbers); a forwarded request's 502 or 504 is counted by its status."""
+        day = self._numbers.setdefault((tenant.id, self.day), {})
+        day["upstreamErrors"] = day.get("upstreamErrors", 0) + 1
+
     def take(self) -> Counts:
         """Everything counted since the last take, as backend counters."""
         counts, self._numbers = self._numbers, {}

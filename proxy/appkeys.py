@@ -59,6 +59,7 @@ class RequestContext:
     api_key: str = ""
     upstream_status: int | None = None
     response_started: bool = False  # headers sent: no error envelope is possible any more
+    body_sent: int | None = None  # body bytes of a streamed answer written so far (access log)
     action: str = ""  # the nxlink action, once known (usage counts requests by action)
     limits: LimitState | None = None  # the tenant's limits in force, for the RateLimit headers
 

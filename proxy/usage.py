@@ -5,8 +5,8 @@ state call) and added to the backend every ``FLUSH_EVERY`` seconds and on shutdo
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
@@ -20,14 +20,11 @@ from proxy.state.base import StateUnavailable
 from proxy.state.fallback import ResilientState
 from proxy.tenants import Tenant
 
-logger = logging.getLogger(__name__)
-
 FLUSH_EVERY: Final = 1.0
 KEEP_DAYS: Final = 100  # longer than the most days a report shows
 MAX_DAYS: Final = 90
 STATUS_CLASSES: Final = ("2xx", "4xx", "5xx")
 UPSTREAM_ERRORS: Final = frozenset({502, 504})
-MAX_PENDING: Final = 100_000  # counters kept while the backend is down, then counting stops
 
 Counts = dict[tuple[str, str], dict[str, int]]
 
@@ -56,6 +53,9 @@ class UsageLedger:
         self.day = self.today()  # refreshed by every flush: no clock read per request
         self._requests: defaultdict[tuple[str, str, str, int], int] = defaultdict(int)
         self._numbers: Counts = {}
+        # Batches whose adding failed, or may have (a late answer): sent again as they are,
+        # under their ids, so that the backend adds each one once.
+        self._unsent: list[tuple[str, Counts]] = []
 
     def count_request(self, tenant: Tenant, action: str, status: int) -> None:
         """One answered request of ``tenant``."""
@@ -86,24 +86,29 @@ class UsageLedger:
         return counts
 
     async def flush(self) -> None:
-        """Add what was counted to the backend; kept for the next flush if it is down."""
+        """Add what was counted to the backend, in a batch with an id of its own; one that
+        fails is sent again, as it is, by the next flush (before anything newer)."""
         self.day = self.today()
+        for batch in list(self._unsent):
+            if not await self._send(batch):
+                return  # the backend is still down: newer counts wait in memory
         counts = self.take()
-        if not counts:
-            return
-        try:
-            await self.state.shared_only(lambda s: s.add_usage(counts, KEEP_DAYS * 86400))
-        except StateUnavailable:
-            self._keep(counts)
+        if counts:
+            await self._send((uuid.uuid4().hex, counts))
 
-    def _keep(self, counts: Counts) -> None:
-        if sum(len(fields) for fields in self._numbers.values()) > MAX_PENDING:
-            logger.warning("usage counts dropped: the state backend stayed unavailable")
-            return
-        for key, fields in counts.items():
-            mine = self._numbers.setdefault(key, {})
-            for name, n in fields.items():
-                mine[name] = mine.get(name, 0) + n
+    async def _send(self, batch: tuple[str, Counts]) -> bool:
+        batch_id, counts = batch
+        try:
+            await self.state.shared_only(
+                lambda s: s.add_usage(counts, KEEP_DAYS * 86400, batch=batch_id)
+            )
+        except StateUnavailable:
+            if batch not in self._unsent:
+                self._unsent.append(batch)
+            return False
+        if batch in self._unsent:  # another flush may have sent it meanwhile: fine, same id
+            self._unsent.remove(batch)
+        return True
 
     async def keep_flushing(self) -> None:
         """Flush every ``FLUSH_EVERY`` seconds, for good."""

@@ -117,12 +117,12 @@ async def test_redis_keys_are_namespaced_and_none_is_kept_for_ever(
     await backend.claim("idem", "fp", "A", 15, 3600, NOW)
     await backend.record_intent("idem", "A", 0, b"intent", NOW)
     await backend.reserve([QuotaCharge("q", 10, 1, time.time() + 600)])
-    await backend.add_usage({("t", "2026-12-01"): {"requests": 1}}, 86_400)
+    await backend.add_usage({("t", "2026-12-01"): {"requests": 1}}, 86_400, batch="b")
     await backend.append_audit(b"entry", 10)
     with redis.Redis(host="127.0.0.1", port=redis_server.port) as client:
         keys = sorted(key.decode() for key in client.keys("*"))
         ttls = {key: client.ttl(key) for key in keys}
-    assert all(key.startswith("nxp:") for key in keys) and len(keys) == 7
+    assert all(key.startswith("nxp:") for key in keys) and len(keys) == 8
     assert all(ttl > 0 for key, ttl in ttls.items() if key != "nxp:audit")  # audit: bounded
     assert 590 <= ttls["nxp:quota:q"] <= 601
     await backend.close()

@@ -19,6 +19,7 @@ from proxy.app import create_app
 from proxy.appkeys import USAGE as USAGE_LEDGER
 from proxy.config import Quotas
 from proxy.state import MemoryState, StateUnavailable
+from proxy.state.base import UsageCounts
 from proxy.state.fallback import ResilientState
 from proxy.tenants import Registry, Tenant, load_registry
 from proxy.usage import FLUSH_EVERY, UsageLedger, day_entry
@@ -225,6 +226,34 @@ def test_the_usage_command_refuses_memory_state_it_cannot_read(
     assert captured.out == ""  # no table of zeros
     assert "STATE_URL" in captured.err and "memory://" in captured.err
     assert "sqlite:///" in captured.err and "redis://" in captured.err
+
+
+class LateAnswer(MemoryState):
+    """Adds the first flush's counts, then answers too late: the caller cannot tell it was
+    applied (as a Redis reply lost after EXEC, or a SQLite commit past the call's deadline)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.late = True
+
+    async def add_usage(self, counts: UsageCounts, ttl: float, *, batch: str) -> None:
+        await super().add_usage(counts, ttl, batch=batch)
+        if self.late:
+            self.late = False
+            raise StateUnavailable("the answer came too late")
+
+
+async def test_a_flush_whose_answer_was_late_is_not_counted_twice() -> None:
+    backend = LateAnswer()
+    ledger = UsageLedger(ResilientState(backend), ZoneInfo("UTC"))
+    tenant = make_tenant("t", KEY_A, "http://x", CREDS_A)
+    ledger.count_request(tenant, "callAppend", 200)
+    await ledger.flush()  # applied, but it looks failed: sent again by the next flush
+    ledger.count_request(tenant, "callAppend", 200)
+    await ledger.flush()
+    await ledger.flush()
+    day = ledger.today()
+    assert (await backend.read_usage(tenant.id, [day]))[day]["requests"] == 2
 
 
 # --- each number counted once: retried Idempotency-Key runs, upstream failures --------------

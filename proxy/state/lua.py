@@ -168,6 +168,23 @@ for i, key in ipairs(KEYS) do used[i] = tonumber(redis.call('GET', key)) end
 return {1, -1, used}
 """
 
+# KEYS: the batch's marker, then one hash per tenant and day. ARGV: seconds to keep them, then
+# for each hash its number of fields and (field, amount) pairs. A batch id seen already (its
+# flush sent again after a late answer) adds nothing.
+ADD_USAGE: Final = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+local i = 2
+for k = 2, #KEYS do
+  local fields = tonumber(ARGV[i])
+  for f = 1, fields do
+    redis.call('HINCRBY', KEYS[k], ARGV[i + 2 * f - 1], ARGV[i + 2 * f])
+  end
+  redis.call('EXPIRE', KEYS[k], ARGV[1])
+  i = i + 1 + 2 * fields
+end
+return 1
+"""
+
 # KEYS: counters. ARGV: amounts. DECRBY keeps the counter's expiry; a counter never goes below 0.
 GIVE_BACK: Final = """
 for i, key in ipairs(KEYS) do

@@ -65,6 +65,7 @@ class RedisState:
         self._abandon = register(lua.ABANDON)
         self._reserve = register(lua.RESERVE)
         self._give_back = register(lua.GIVE_BACK)
+        self._add_usage = register(lua.ADD_USAGE)
 
     async def ping(self) -> None:
         await self._call(self._client.ping())
@@ -149,14 +150,15 @@ class RedisState:
 
     # usage and audit
 
-    async def add_usage(self, counts: UsageCounts, ttl: float) -> None:
-        pipe = self._client.pipeline(transaction=True)
+    async def add_usage(self, counts: UsageCounts, ttl: float, *, batch: str) -> None:
+        keys = [_key("usage-batch", batch)]
+        args: list[str | int] = [max(1, round(ttl))]
         for (tenant, day), increments in counts.items():
-            name = _usage_key(tenant, day)
+            keys.append(_usage_key(tenant, day))
+            args.append(len(increments))
             for field, amount in increments.items():
-                pipe.hincrby(name, field, amount)
-            pipe.expire(name, max(1, round(ttl)))
-        await self._call(pipe.execute())
+                args.extend((field, amount))
+        await self._call(self._add_usage(keys, args))
 
     async def read_usage(self, tenant: str, days: Sequence[str]) -> dict[str, dict[str, int]]:
         pipe = self._client.pipeline(transaction=False)

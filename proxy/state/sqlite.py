@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS quotas (key TEXT PRIMARY KEY, used INTEGER NOT NULL,
 CREATE TABLE IF NOT EXISTS usage (
     tenant TEXT NOT NULL, day TEXT NOT NULL, name TEXT NOT NULL, n INTEGER NOT NULL,
     expires REAL NOT NULL, PRIMARY KEY (tenant, day, name));
+CREATE TABLE IF NOT EXISTS usage_batches (id TEXT PRIMARY KEY, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, entry BLOB NOT NULL);
 """
 
@@ -212,10 +213,10 @@ class SqliteState:
 
     # usage and audit
 
-    async def add_usage(self, counts: UsageCounts, ttl: float) -> None:
-        expires = time.time() + ttl
+    async def add_usage(self, counts: UsageCounts, ttl: float, *, batch: str) -> None:
+        now = time.time()
         rows = [
-            (tenant, day, name, amount, expires)
+            (tenant, day, name, amount, now + ttl)
             for (tenant, day), increments in counts.items()
             for name, amount in increments.items()
         ]
@@ -223,7 +224,14 @@ class SqliteState:
             "INSERT INTO usage VALUES (?, ?, ?, ?, ?) ON CONFLICT (tenant, day, name) "
             "DO UPDATE SET n = n + excluded.n, expires = excluded.expires"
         )
-        await self._run(lambda db: db.executemany(sql, rows))
+
+        def add(db: Db) -> None:
+            db.execute("DELETE FROM usage_batches WHERE expires <= ?", (now,))
+            seen = "INSERT OR IGNORE INTO usage_batches VALUES (?, ?)"
+            if db.execute(seen, (batch, now + ttl)).rowcount == 1:  # 0: added already
+                db.executemany(sql, rows)
+
+        await self._run(add)
 
     async def read_usage(self, tenant: str, days: Sequence[str]) -> dict[str, dict[str, int]]:
         def read(db: Db) -> dict[str, dict[str, int]]:

@@ -53,9 +53,12 @@ class UsageLedger:
         self.day = self.today()  # refreshed by every flush: no clock read per request
         self._requests: defaultdict[tuple[str, str, str, int], int] = defaultdict(int)
         self._numbers: Counts = {}
-        # Batches whose adding failed, or may have (a late answer): sent again as they are,
-        # under their ids, so that the backend adds each one once.
-        self._unsent: list[tuple[str, Counts]] = []
+        # Each flush is one batch, numbered in this ledger's sequence: one whose adding failed,
+        # or may have (a late answer), is sent again as it is, under its number, and the
+        # backend adds it once. One flush at a time, so batches reach the backend in order.
+        self._source, self._seq = uuid.uuid4().hex, 0
+        self._unsent: tuple[int, Counts] | None = None
+        self._flushing = asyncio.Lock()
 
     def count_request(self, tenant: Tenant, action: str, status: int) -> None:
         """One answered request of ``tenant``."""
@@ -86,29 +89,25 @@ class UsageLedger:
         return counts
 
     async def flush(self) -> None:
-        """Add what was counted to the backend, in a batch with an id of its own; one that
-        fails is sent again, as it is, by the next flush (before anything newer)."""
-        self.day = self.today()
-        for batch in list(self._unsent):
-            if not await self._send(batch):
-                return  # the backend is still down: newer counts wait in memory
-        counts = self.take()
-        if counts:
-            await self._send((uuid.uuid4().hex, counts))
-
-    async def _send(self, batch: tuple[str, Counts]) -> bool:
-        batch_id, counts = batch
-        try:
-            await self.state.shared_only(
-                lambda s: s.add_usage(counts, KEEP_DAYS * 86400, batch=batch_id)
-            )
-        except StateUnavailable:
-            if batch not in self._unsent:
-                self._unsent.append(batch)
-            return False
-        if batch in self._unsent:  # another flush may have sent it meanwhile: fine, same id
-            self._unsent.remove(batch)
-        return True
+        """Add what was counted to the backend as the next batch; a batch that failed is sent
+        again, as it was, by the next flush, before anything newer (which waits in memory)."""
+        async with self._flushing:
+            self.day = self.today()
+            if self._unsent is None:
+                counts = self.take()
+                if not counts:
+                    return
+                self._seq += 1
+                self._unsent = (self._seq, counts)
+            seq, counts = self._unsent
+            ttl, source = KEEP_DAYS * 86400, self._source
+            try:
+                await self.state.shared_only(
+                    lambda s: s.add_usage(counts, ttl, source=source, seq=seq)
+                )
+            except StateUnavailable:
+                return
+            self._unsent = None
 
     async def keep_flushing(self) -> None:
         """Flush every ``FLUSH_EVERY`` seconds, for good."""

@@ -425,7 +425,7 @@ async def test_usage_of_every_tenant_day_by_day(admin: Admin) -> None:
     today = datetime.now(UTC).date().isoformat()
     counts = {"requests": 7, "action:callAppend": 5, "status:2xx": 6, "status:4xx": 1}
     added = {("tenant-a", today): counts | {"numbersAppended": 40}}
-    await admin.state.add_usage(added, 86400, batch="test")
+    await admin.state.add_usage(added, 86400, source="test", seq=1)
     status, doc, _ = await call(admin, "GET", "/usage?days=3")
     assert status == 200 and doc["data"]["timezone"] == "UTC"
     rows = {row["id"]: row for row in doc["data"]["tenants"]}

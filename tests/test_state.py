@@ -117,7 +117,7 @@ async def test_redis_keys_are_namespaced_and_none_is_kept_for_ever(
     await backend.claim("idem", "fp", "A", 15, 3600, NOW)
     await backend.record_intent("idem", "A", 0, b"intent", NOW)
     await backend.reserve([QuotaCharge("q", 10, 1, time.time() + 600)])
-    await backend.add_usage({("t", "2026-12-01"): {"requests": 1}}, 86_400, batch="b")
+    await backend.add_usage({("t", "2026-12-01"): {"requests": 1}}, 86_400, source="p", seq=1)
     await backend.append_audit(b"entry", 10)
     with redis.Redis(host="127.0.0.1", port=redis_server.port) as client:
         keys = sorted(key.decode() for key in client.keys("*"))

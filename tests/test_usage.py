@@ -236,8 +236,8 @@ class LateAnswer(MemoryState):
         super().__init__()
         self.late = True
 
-    async def add_usage(self, counts: UsageCounts, ttl: float, *, batch: str) -> None:
-        await super().add_usage(counts, ttl, batch=batch)
+    async def add_usage(self, counts: UsageCounts, ttl: float, *, source: str, seq: int) -> None:
+        await super().add_usage(counts, ttl, source=source, seq=seq)
         if self.late:
             self.late = False
             raise StateUnavailable("the answer came too late")

@@ -168,12 +168,15 @@ for i, key in ipairs(KEYS) do used[i] = tonumber(redis.call('GET', key)) end
 return {1, -1, used}
 """
 
-# KEYS: the batch's marker, then one hash per tenant and day. ARGV: seconds to keep them, then
-# for each hash its number of fields and (field, amount) pairs. A batch id seen already (its
-# flush sent again after a late answer) adds nothing.
+# KEYS: the source's last batch number, then one hash per tenant and day. ARGV: seconds to
+# keep them, the batch's number, then for each hash its number of fields and (field, amount)
+# pairs. A batch numbered no higher than the last one added (its flush sent again after a late
+# answer) adds nothing.
 ADD_USAGE: Final = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
-local i = 2
+local seq = tonumber(ARGV[2])
+if tonumber(redis.call('GET', KEYS[1]) or '0') >= seq then return 0 end
+redis.call('SET', KEYS[1], seq, 'EX', ARGV[1])
+local i = 3
 for k = 2, #KEYS do
   local fields = tonumber(ARGV[i])
   for f = 1, fields do

@@ -5,7 +5,6 @@ Every operation runs to its end without awaiting, so each one is atomic on the e
 from __future__ import annotations
 
 import math
-import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,7 +55,7 @@ class MemoryState:
         self._runs: dict[str, _Run] = {}
         self._quotas: dict[str, _Counter] = {}
         self._usage: dict[tuple[str, str], dict[str, int]] = {}
-        self._usage_batches: dict[str, float] = {}  # batch id → when it may be forgotten
+        self._usage_seqs: dict[str, int] = {}  # source → the last batch it added
         self._audit: deque[bytes] = deque()
 
     async def ping(self) -> None:
@@ -189,12 +188,10 @@ class MemoryState:
 
     # usage and audit
 
-    async def add_usage(self, counts: UsageCounts, ttl: float, *, batch: str) -> None:
-        now = time.time()
-        if self._usage_batches.get(batch, 0.0) > now:
+    async def add_usage(self, counts: UsageCounts, ttl: float, *, source: str, seq: int) -> None:
+        if self._usage_seqs.get(source, 0) >= seq:
             return
-        self._usage_batches = {b: t for b, t in self._usage_batches.items() if t > now}
-        self._usage_batches[batch] = now + ttl
+        self._usage_seqs[source] = seq
         for day_key, increments in counts.items():
             day = self._usage.setdefault(day_key, {})
             for name, amount in increments.items():

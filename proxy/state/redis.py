@@ -150,9 +150,9 @@ class RedisState:
 
     # usage and audit
 
-    async def add_usage(self, counts: UsageCounts, ttl: float, *, batch: str) -> None:
-        keys = [_key("usage-batch", batch)]
-        args: list[str | int] = [max(1, round(ttl))]
+    async def add_usage(self, counts: UsageCounts, ttl: float, *, source: str, seq: int) -> None:
+        keys = [_key("usage-source", source)]
+        args: list[str | int] = [max(1, round(ttl)), seq]
         for (tenant, day), increments in counts.items():
             keys.append(_usage_key(tenant, day))
             args.append(len(increments))

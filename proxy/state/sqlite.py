@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS quotas (key TEXT PRIMARY KEY, used INTEGER NOT NULL,
 CREATE TABLE IF NOT EXISTS usage (
     tenant TEXT NOT NULL, day TEXT NOT NULL, name TEXT NOT NULL, n INTEGER NOT NULL,
     expires REAL NOT NULL, PRIMARY KEY (tenant, day, name));
-CREATE TABLE IF NOT EXISTS usage_batches (id TEXT PRIMARY KEY, expires REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS usage_sources (
+    source TEXT PRIMARY KEY, seq INTEGER NOT NULL, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, entry BLOB NOT NULL);
 """
 
@@ -213,7 +214,7 @@ class SqliteState:
 
     # usage and audit
 
-    async def add_usage(self, counts: UsageCounts, ttl: float, *, batch: str) -> None:
+    async def add_usage(self, counts: UsageCounts, ttl: float, *, source: str, seq: int) -> None:
         now = time.time()
         rows = [
             (tenant, day, name, amount, now + ttl)
@@ -225,10 +226,14 @@ class SqliteState:
             "DO UPDATE SET n = n + excluded.n, expires = excluded.expires"
         )
 
+        mark = (
+            "INSERT INTO usage_sources VALUES (?, ?, ?) ON CONFLICT (source) "
+            "DO UPDATE SET seq = excluded.seq, expires = excluded.expires "
+            "WHERE usage_sources.seq < excluded.seq OR usage_sources.expires <= ?"
+        )
+
         def add(db: Db) -> None:
-            db.execute("DELETE FROM usage_batches WHERE expires <= ?", (now,))
-            seen = "INSERT OR IGNORE INTO usage_batches VALUES (?, ?)"
-            if db.execute(seen, (batch, now + ttl)).rowcount == 1:  # 0: added already
+            if db.execute(mark, (source, seq, now + ttl, now)).rowcount == 1:  # 0: added already
                 db.executemany(sql, rows)
 
         await self._run(add)

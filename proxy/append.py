@@ -11,6 +11,7 @@ from functools import partial
 from typing import Any, Final
 
 from aiohttp import web
+from prometheus_client import Counter
 from yarl import URL
 
 from proxy import errors
@@ -48,6 +49,7 @@ from proxy.ratelimit_headers import learn_quotas
 from proxy.state.base import Claim, ClaimStatus, JournalEntry
 from proxy.tenants import Credentials, Tenant
 from proxy.upstream import Response, UpstreamClient, UpstreamRequest, json_headers
+from proxy.usage import UsageLedger
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,22 @@ def batch_body(call: AppendCall, items: Sequence[ContactItem]) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
+class Tally:
+    """A tenant's numbers in usage and metrics, each counted once: a batch by the run that sent
+    it (when nxlink answered, or could not), never again by a run that reuses its journaled
+    outcome; the unusable entries with the answer that is kept (see ``count_unusable``)."""
+
+    ledger: UsageLedger
+    metric: Counter
+    tenant: Tenant
+
+    def numbers(self, appended: int, failed: int) -> None:
+        self.metric.labels(self.tenant.alias, "success").inc(appended)
+        self.metric.labels(self.tenant.alias, "failure").inc(failed)
+        self.ledger.count_numbers(self.tenant, appended, failed)
+
+
+@dataclass(frozen=True, slots=True)
 class Sender:
     """Sends the batches of one request to the tenant's nxlink account."""
 
@@ -75,6 +93,7 @@ class Sender:
     request_id: str
     call: AppendCall
     tenant: Tenant
+    tally: Tally
 
     async def send(self, batch: Batch) -> list[Result]:
         """All of the batch's numbers succeed, or all fail with the reason (OUTCOME_UNKNOWN
@@ -83,12 +102,14 @@ class Sender:
         try:
             status, answer = await self._exchange(batch_body(self.call, batch.items))
             reason = _refusal(status, answer)
-        except errors.UpstreamError as exc:
-            reason = no_answer(exc.message) if exc.sent else exc.message
         except errors.GatewayError as exc:
-            reason = exc.message
+            sent = isinstance(exc, errors.UpstreamError) and exc.sent
+            reason = no_answer(exc.message) if sent else exc.message
+            self.tally.ledger.count_upstream_error(self.tenant)
         if reason is not None:
             logger.warning("append batch of %d failed: %s", len(batch.items), reason)
+        accepted = len(batch.items) if reason is None else 0
+        self.tally.numbers(accepted, len(batch.items) - accepted)
         summary = _summary(answer)
         return [_result(item, reason, summary) for item in batch.items]
 
@@ -266,21 +287,27 @@ def append_job(request: web.Request, raw: bytes) -> AppendJob:
     call = parse_call(decode_json(raw), settings.append_max_numbers)
     url = build_upstream_url(tenant.base_url, APPEND_PATH, "")
     client = upstream_client(request)
-    sender = Sender(client, url, credentials, context(request).request_id, call, tenant)
+    tally = Tally(request.app[USAGE], metrics(request).append_numbers, tenant)
+    sender = Sender(client, url, credentials, context(request).request_id, call, tenant, tally)
     size = tenant.limits.append_batch_size or settings.append_batch_size
     return AppendJob(call, sender, size, settings.append_concurrency)
 
 
 def answer_of(request: web.Request, job: AppendJob, results: Sequence[Result]) -> bytes:
-    """Count the results and build the answer."""
+    """Log the results and build the answer (the batches counted themselves when sent)."""
     tenant = current_tenant(request)
     failed = sum(1 for r in results if not r["success"])
-    counter = metrics(request).append_numbers
-    counter.labels(tenant.alias, "success").inc(len(results) - failed)
-    counter.labels(tenant.alias, "failure").inc(failed)
-    request.app[USAGE].count_numbers(tenant, len(results) - failed, failed)
     logger.info("append-numbers for %s: %d numbers, %d failed", tenant.alias, len(results), failed)
     return answer_body(job.call.task_id, results, context(request).api_key)
+
+
+def count_unusable(job: AppendJob) -> None:
+    """The entries never sent because they are unusable, counted as failed numbers with the
+    answer that is kept: at once without a key; with one, once the answer is stored (a run
+    whose answer is not stored is answered again by a repeat, which counts them then)."""
+    unusable = sum(1 for entry in job.call.entries if entry.item is None)
+    if unusable:
+        job.sender.tally.numbers(0, unusable)
 
 
 async def handle_append(request: web.Request) -> web.Response:
@@ -303,7 +330,9 @@ async def handle_append(request: web.Request) -> web.Response:
 
 
 async def _plain(request: web.Request, job: AppendJob) -> bytes:
-    return answer_of(request, job, await counted_run(request, job, job.plan()))
+    answer = answer_of(request, job, await counted_run(request, job, job.plan()))
+    count_unusable(job)
+    return answer
 
 
 async def _journaled(request: web.Request, job: AppendJob, run: JournalRun, claim: Claim) -> bytes:
@@ -312,7 +341,8 @@ async def _journaled(request: web.Request, job: AppendJob, run: JournalRun, clai
     try:
         results = await counted_run(request, job, job.plan(claim.journal), run)
         answer = answer_of(request, job, results)
-        await run.finish(answer, request.app[SETTINGS].idempotency_ttl)
+        if await run.finish(answer, request.app[SETTINGS].idempotency_ttl):
+            count_unusable(job)
         return answer
     except BaseException:
         await run.abandon()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from aiohttp import web
@@ -29,6 +29,10 @@ class GatewayState:
     registry: Registry
     ready: bool = False
     draining: bool = False
+    # Held by whoever reads the tenants file to swap a registry in (a reload, an admin write or
+    # read), from the read to the swap: so a registry read earlier is never swapped in later,
+    # over one from a newer file.
+    swap_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 SETTINGS: Final = web.AppKey("settings", Settings)
@@ -55,6 +59,7 @@ class RequestContext:
     api_key: str = ""
     upstream_status: int | None = None
     response_started: bool = False  # headers sent: no error envelope is possible any more
+    body_sent: int | None = None  # body bytes of a streamed answer written so far (access log)
     action: str = ""  # the nxlink action, once known (usage counts requests by action)
     limits: LimitState | None = None  # the tenant's limits in force, for the RateLimit headers
     slot: Slot | None = None  # the tenant's in-flight slot this request holds

@@ -266,6 +266,16 @@ def cmd_keygen(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 def cmd_usage(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """Print the quotas and daily usage of every tenant (or one) from ``STATE_URL``."""
     settings, registry = _load(args, environ)
+    if not settings.state_url or settings.state_url.startswith("memory:"):
+        raise ConfigError(
+            [
+                f"usage: STATE_URL is {settings.state_url or 'not set (memory://)'}: that state "
+                "lives inside each gateway process (with WORKERS > 1 and no STATE_URL, in a "
+                "private file) and cannot be read from here",
+                "set STATE_URL=sqlite:///path/state.db (one host) or redis://host:6379/0 for the "
+                "gateway and for this command",
+            ]
+        )
     tenants = [t for t in registry.tenants if args.tenant in (None, t.alias)]
     if not tenants:
         aliases = ", ".join(t.alias for t in registry.tenants) or "none"

@@ -302,15 +302,15 @@ async def stream_back(request: web.Request, answer: Response, timing: str) -> we
     response = web.StreamResponse(status=answer.status, reason=answer.reason, headers=headers)
     await response.prepare(request)
     ctx.response_started = True
-    sent = 0
+    ctx.body_sent = 0
     try:
         async for chunk in answer.iter_chunks():
             await response.write(chunk)
-            sent += len(chunk)
+            ctx.body_sent += len(chunk)
     except ConnectionError as exc:
         # Headers are gone already: no envelope is possible, so the connection is dropped.
         # One line, not aiohttp's traceback: a hostile upstream must not flood the logs.
-        logger.warning("response stream cut after %d bytes: %s", sent, exc)
+        logger.warning("response stream cut after %d bytes: %s", ctx.body_sent, exc)
         drop_connection(request)
         return response
     await response.write_eof()

@@ -206,16 +206,18 @@ class JournalRun:
             logger.warning("Idempotency-Key lease lapsed: state too slow or unavailable")
         return not self.lost
 
-    async def finish(self, answer: bytes, ttl: float) -> None:
+    async def finish(self, answer: bytes, ttl: float) -> bool:
         """Store the answer for repeats (a run that lost its claim or the backend answers its
-        own caller all the same)."""
+        own caller all the same); False when it was not stored (the backend failed, or the claim
+        lapsed: a repeat then answers in its stead)."""
         self.check()
         try:
-            await self.state.shared_only(
+            return await self.state.shared_only(
                 lambda s: s.complete(self.key, self.owner, answer, ttl, time.time())
             )
         except StateUnavailable:
             logger.warning("Idempotency-Key answer not stored: state unavailable")
+            return False
 
     def check(self) -> None:
         """Raise when a batch was left unsent: 503 if the backend failed, else 409."""

@@ -141,6 +141,19 @@ def setup_logging(level: str) -> None:
     root.setLevel(level.upper())
 
 
+def body_bytes_out(
+    request: BaseRequest, response: StreamResponse, ctx: RequestContext | None
+) -> int:
+    """The body bytes the client was sent, as ``bytes_in`` counts the body received (aiohttp's
+    ``body_length`` adds the status line, headers and chunk framing): a streamed answer's as
+    written, another's by its length; none for HEAD or a status without a body."""
+    if ctx is not None and ctx.body_sent is not None:
+        return ctx.body_sent
+    if request.method == "HEAD" or response.status in (204, 304) or response.status < 200:
+        return 0
+    return response.content_length or 0
+
+
 class AccessLogger(AbstractAccessLogger):
     """One JSON access line per request: who, what, how it ended and how long it took."""
 
@@ -158,7 +171,7 @@ class AccessLogger(AbstractAccessLogger):
             "upstream_status": ctx.upstream_status if ctx is not None else None,
             "duration_ms": round(self._seconds(ctx, time) * 1000, 3),
             "bytes_in": request.content.total_bytes,  # chunked uploads have no length
-            "bytes_out": response.body_length,
+            "bytes_out": body_bytes_out(request, response, ctx),
             "remote": request.remote,
         }
         sink = _direct_sink(self.logger)

@@ -50,7 +50,6 @@ class Reloader:
         self.metrics = metrics
         self.interval = interval
         self._wanted = asyncio.Event()
-        self._lock = asyncio.Lock()
         # Taken now, next to the initial load: a change before watch() starts is not missed.
         self._stamps = [file_stamp(p) for p in self.watched]
 
@@ -59,8 +58,11 @@ class Reloader:
         self._wanted.set()
 
     async def reload(self, reason: str) -> bool:
-        """Load, validate and swap; a bad configuration is refused and the running one stays."""
-        async with self._lock:
+        """Load, validate and swap; a bad configuration is refused and the running one stays.
+
+        The load and the swap hold the lock the admin's writes hold too: a load that read the
+        tenants file before a write cannot swap its registry in after that write's."""
+        async with self.state.swap_lock:
             try:
                 registry = await asyncio.to_thread(self.load)
             except Exception as exc:  # whatever went wrong, the watcher and the gateway go on

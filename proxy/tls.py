@@ -17,6 +17,10 @@ from proxy.reload import file_stamp
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS: Final = 2.0  # well inside the 10 s in which a new certificate must be served
+# A changed pair is loaded once its files hold still this long (checked at most SETTLE_CHECKS
+# times, so a file rewritten all the time is loaded anyway, still well inside the 10 s).
+SETTLE_SECONDS: Final = 0.25
+SETTLE_CHECKS: Final = 8
 CERT: Final = "TLS_CERT_FILE"
 KEY: Final = "TLS_KEY_FILE"
 
@@ -79,11 +83,17 @@ class CertificateWatcher:
     connections keep theirs. A bad new pair is refused and the running one stays."""
 
     def __init__(
-        self, context: ssl.SSLContext, pair: CertificatePair, *, interval: float = POLL_SECONDS
+        self,
+        context: ssl.SSLContext,
+        pair: CertificatePair,
+        *,
+        interval: float = POLL_SECONDS,
+        settle: float = SETTLE_SECONDS,
     ):
         self.context = context
         self.pair = pair
         self.interval = interval
+        self.settle = settle
         self._stamps = self._current()
 
     def _current(self) -> tuple[object, object]:
@@ -108,13 +118,27 @@ class CertificateWatcher:
         return True
 
     async def watch(self) -> None:
-        """Poll the two files' stamps (mtime, size, inode); reload on a change."""
+        """Poll the two files' stamps (mtime, size, inode); reload on a change, once the files
+        hold still."""
         while True:
             await asyncio.sleep(self.interval)
             current = self._current()
             if current != self._stamps:
-                self._stamps = current
+                self._stamps = await self._settled(current)
                 self.reload()  # a few milliseconds, on the loop: see reload()
+
+    async def _settled(self, seen: tuple[object, object]) -> tuple[object, object]:
+        """The stamps once neither file changed for ``settle`` seconds. A deploy replaces the
+        key and the certificate one after the other: loaded between the two, the new key and
+        the old certificate would be refused (an error logged on every such deploy, and the
+        new pair served one poll later)."""
+        for _ in range(SETTLE_CHECKS):
+            await asyncio.sleep(self.settle)
+            now = self._current()
+            if now == seen:
+                break
+            seen = now
+        return seen
 
 
 @contextlib.asynccontextmanager

@@ -5,8 +5,8 @@ state call) and added to the backend every ``FLUSH_EVERY`` seconds and on shutdo
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
@@ -20,14 +20,11 @@ from proxy.state.base import StateUnavailable
 from proxy.state.fallback import ResilientState
 from proxy.tenants import Tenant
 
-logger = logging.getLogger(__name__)
-
 FLUSH_EVERY: Final = 1.0
 KEEP_DAYS: Final = 100  # longer than the most days a report shows
 MAX_DAYS: Final = 90
 STATUS_CLASSES: Final = ("2xx", "4xx", "5xx")
 UPSTREAM_ERRORS: Final = frozenset({502, 504})
-MAX_PENDING: Final = 100_000  # counters kept while the backend is down, then counting stops
 
 Counts = dict[tuple[str, str], dict[str, int]]
 
@@ -56,6 +53,12 @@ class UsageLedger:
         self.day = self.today()  # refreshed by every flush: no clock read per request
         self._requests: defaultdict[tuple[str, str, str, int], int] = defaultdict(int)
         self._numbers: Counts = {}
+        # Each flush is one batch, numbered in this ledger's sequence: one whose adding failed,
+        # or may have (a late answer), is sent again as it is, under its number, and the
+        # backend adds it once. One flush at a time, so batches reach the backend in order.
+        self._source, self._seq = uuid.uuid4().hex, 0
+        self._unsent: tuple[int, Counts] | None = None
+        self._flushing = asyncio.Lock()
 
     def count_request(self, tenant: Tenant, action: str, status: int) -> None:
         """One answered request of ``tenant``."""
@@ -66,6 +69,12 @@ class UsageLedger:
         day = self._numbers.setdefault((tenant.id, self.day), {})
         day["numbersAppended"] = day.get("numbersAppended", 0) + appended
         day["numbersFailed"] = day.get("numbersFailed", 0) + failed
+
+    def count_upstream_error(self, tenant: Tenant) -> None:
+        """One exchange with nxlink that failed inside a request answered otherwise (a batch of
+        append-numbers); a forwarded request's 502 or 504 is counted by its status."""
+        day = self._numbers.setdefault((tenant.id, self.day), {})
+        day["upstreamErrors"] = day.get("upstreamErrors", 0) + 1
 
     def take(self) -> Counts:
         """Everything counted since the last take, as backend counters."""
@@ -80,24 +89,25 @@ class UsageLedger:
         return counts
 
     async def flush(self) -> None:
-        """Add what was counted to the backend; kept for the next flush if it is down."""
-        self.day = self.today()
-        counts = self.take()
-        if not counts:
-            return
-        try:
-            await self.state.shared_only(lambda s: s.add_usage(counts, KEEP_DAYS * 86400))
-        except StateUnavailable:
-            self._keep(counts)
-
-    def _keep(self, counts: Counts) -> None:
-        if sum(len(fields) for fields in self._numbers.values()) > MAX_PENDING:
-            logger.warning("usage counts dropped: the state backend stayed unavailable")
-            return
-        for key, fields in counts.items():
-            mine = self._numbers.setdefault(key, {})
-            for name, n in fields.items():
-                mine[name] = mine.get(name, 0) + n
+        """Add what was counted to the backend as the next batch; a batch that failed is sent
+        again, as it was, by the next flush, before anything newer (which waits in memory)."""
+        async with self._flushing:
+            self.day = self.today()
+            if self._unsent is None:
+                counts = self.take()
+                if not counts:
+                    return
+                self._seq += 1
+                self._unsent = (self._seq, counts)
+            seq, counts = self._unsent
+            ttl, source = KEEP_DAYS * 86400, self._source
+            try:
+                await self.state.shared_only(
+                    lambda s: s.add_usage(counts, ttl, source=source, seq=seq)
+                )
+            except StateUnavailable:
+                return
+            self._unsent = None
 
     async def keep_flushing(self) -> None:
         """Flush every ``FLUSH_EVERY`` seconds, for good."""

@@ -3,9 +3,11 @@ gateway applies at once, read-only sources, usage, audit, and no secret in any a
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -14,11 +16,14 @@ import pytest
 from aiohttp import web
 
 from proxy.admin.store import etag_of
+from proxy.appkeys import SETTINGS, STATE
 from proxy.config import ConfigError
 from proxy.logs import JsonFormatter
+from proxy.metrics import Metrics
+from proxy.reload import Reloader
 from proxy.serve import tenants_validator
-from proxy.tenants import derived_id
-from tests.admin_setup import ADMIN_TOKEN, AUTH, ENV_KEY, Admin, Client, start_admin
+from proxy.tenants import Registry, derived_id, load_registry
+from tests.admin_setup import ADMIN_TOKEN, AUTH, ENV, ENV_KEY, Admin, Client, start_admin
 from tests.conftest import CREDS_A, CREDS_B, KEY_A, KEY_B, Upstream, make_settings
 from tests.processes import tenant_entry
 
@@ -419,7 +424,8 @@ async def test_usage_of_every_tenant_day_by_day(admin: Admin) -> None:
 
     today = datetime.now(UTC).date().isoformat()
     counts = {"requests": 7, "action:callAppend": 5, "status:2xx": 6, "status:4xx": 1}
-    await admin.state.add_usage({("tenant-a", today): counts | {"numbersAppended": 40}}, 86400)
+    added = {("tenant-a", today): counts | {"numbersAppended": 40}}
+    await admin.state.add_usage(added, 86400, source="test", seq=1)
     status, doc, _ = await call(admin, "GET", "/usage?days=3")
     assert status == 200 and doc["data"]["timezone"] == "UTC"
     rows = {row["id"]: row for row in doc["data"]["tenants"]}
@@ -570,3 +576,29 @@ def test_the_serving_validator_refuses_a_placeholder_the_reload_would_refuse(
 async def test_a_count_in_other_digits_is_a_400_not_a_500(admin: Admin) -> None:
     status, doc, _ = await call(admin, "GET", "/audit?limit=²")
     assert status == 400, doc
+
+
+async def test_a_reload_that_read_the_file_before_a_write_does_not_undo_it(admin: Admin) -> None:
+    """A reload that read the tenants file, then an admin write: the reload ending last must not
+    swap its older registry over the written one (a created tenant gone, a revoked key back)."""
+    assert admin.path is not None
+    path, settings = admin.path, admin.proxy_app[SETTINGS]
+    read, release = threading.Event(), threading.Event()
+
+    def slow_load() -> Registry:
+        document = json.loads(path.read_bytes())  # the file before the write
+        read.set()
+        release.wait(10)
+        return load_registry(ENV, settings, document=document)
+
+    reloader = Reloader(admin.proxy_app[STATE], slow_load, [path], Metrics())
+    reloading = asyncio.create_task(reloader.reload("file change"))
+    assert await asyncio.to_thread(read.wait, 10)
+    creating = asyncio.create_task(create(admin))
+    # The write goes first when it may (the race), or waits for the reload (bounded either way).
+    await asyncio.wait({creating}, timeout=0.5)
+    release.set()
+    assert await reloading is True
+    created = await creating
+    assert any(t.id == created["id"] for t in admin.registry().tenants)
+    assert admin.registry().lookup(created["apiKey"]) is not None

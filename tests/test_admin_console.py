@@ -249,7 +249,7 @@ async def seed_usage(admin: Admin) -> None:
         }
         for n, (requests, numbers) in days.items()
     }
-    await admin.state.add_usage(counts, 86400 * 40)
+    await admin.state.add_usage(counts, 86400 * 40, source="console-test", seq=1)
 
 
 async def test_console_manages_tenants_in_a_real_browser(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -15,6 +16,7 @@ from typing import Any, Final
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.app import create_app
@@ -28,6 +30,7 @@ from tests.conftest import (
     KEY_B,
     KEY_NOCREDS,
     Client,
+    MakeUpstream,
     Upstream,
     make_settings,
     make_tenant,
@@ -223,7 +226,38 @@ async def test_one_access_line_per_request_with_who_what_and_how_it_ended(
     assert (fields["status"], fields["upstream_status"]) == (200, 200)
     assert isinstance(fields["duration_ms"], float) and fields["duration_ms"] >= 0
     assert fields["bytes_in"] == len(body)
-    assert fields["bytes_out"] >= len(answer) > 0
+    assert fields["bytes_out"] == len(answer) > 0  # the body, as bytes_in counts it
+
+
+async def streamed(request: web.Request) -> web.StreamResponse:
+    """An answer in two pieces, chunked: the gateway streams it on as it arrives."""
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await response.prepare(request)
+    await response.write(b'{"code": 0, ')
+    await asyncio.sleep(0.02)
+    await response.write(b'"data": "' + b"x" * 1000 + b'"}')
+    await response.write_eof()
+    return response
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_access_line_counts_the_body_bytes_of_a_streamed_answer(
+    make_upstream: MakeUpstream,
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    caplog: pytest.LogCaptureFixture,
+    method: str,
+) -> None:
+    caplog.set_level(logging.INFO)
+    upstream = await make_upstream(extra={"/openapi/test/streamed": streamed})
+    app = create_app(make_settings(), Registry(all_tenants(upstream.base_url)))
+    client = await aiohttp_client(await aiohttp_server(app, access_log_class=AccessLogger))
+    headers = {"x-api-key": KEY_A, "action": "testStreamed"}
+    response = await client.request(method, "/openapi/test/streamed", headers=headers)
+    answer = await response.read()
+    assert response.status == 200 and len(answer) == (0 if method == "HEAD" else 1023)
+    [line] = access_records(caplog)
+    assert line.__dict__["bytes_out"] == len(answer)
 
 
 async def test_access_line_of_a_refused_request_has_no_tenant_and_no_upstream_status(

@@ -121,12 +121,12 @@ async def test_redis_keys_are_namespaced_and_none_is_kept_for_ever(
     await backend.claim("idem", "fp", "A", 15, 3600, NOW)
     await backend.record_intent("idem", "A", 0, b"intent", NOW)
     await backend.reserve([QuotaCharge("q", 10, 1, time.time() + 600)])
-    await backend.add_usage({("t", "2026-12-01"): {"requests": 1}}, 86_400)
+    await backend.add_usage({("t", "2026-12-01"): {"requests": 1}}, 86_400, source="p", seq=1)
     await backend.append_audit(b"entry", 10)
     with redis.Redis(host="127.0.0.1", port=redis_server.port) as client:
         keys = sorted(key.decode() for key in client.keys("*"))
         ttls = {key: client.ttl(key) for key in keys}
-    assert all(key.startswith("nxp:") for key in keys) and len(keys) == 7
+    assert all(key.startswith("nxp:") for key in keys) and len(keys) == 8
     assert all(ttl > 0 for key, ttl in ttls.items() if key != "nxp:audit")  # audit: bounded
     assert 590 <= ttls["nxp:quota:q"] <= 601
     await backend.close()
@@ -310,15 +310,16 @@ async def test_a_redis_reservation_whose_reply_was_lost_fails_and_is_not_sent_ag
         assert await backend.quota_used(["q"]) == [3]  # it ran once on Redis
 
 
-async def test_a_redis_usage_transaction_whose_reply_was_lost_is_not_sent_again(
+async def test_a_redis_usage_batch_whose_reply_was_lost_is_sent_again_and_added_once(
     redis_server: RedisServer,
 ) -> None:
     async with cut_replies(redis_server) as (cutter, backend):
-        await backend.ping()
-        cutter.armed = b"EXEC"
-        with pytest.raises(StateUnavailable):
-            await backend.add_usage({("t", "2026-12-01"): {"requests": 2}}, 86_400)
-        assert await backend.read_usage("t", ["2026-12-01"]) == {"2026-12-01": {"requests": 2}}
+        day = {("t", "2026-12-01"): {"requests": 2}}
+        await backend.add_usage(day, 86_400, source="p1", seq=1)  # loads the script
+        cutter.armed = b"EVALSHA"
+        await backend.add_usage(day, 86_400, source="p1", seq=2)
+        assert cutter.armed is None  # the first send's reply was cut
+        assert await backend.read_usage("t", ["2026-12-01"]) == {"2026-12-01": {"requests": 4}}
 
 
 async def test_a_redis_read_whose_reply_was_lost_is_sent_again(redis_server: RedisServer) -> None:

@@ -314,11 +314,17 @@ async def test_given_back_amounts_never_go_below_zero(backend: StateBackend) -> 
 
 
 async def test_usage_increments_add_up_per_tenant_and_day(backend: StateBackend) -> None:
-    await backend.add_usage({("t1", "2026-12-01"): {"requests": 2, "status:2xx": 2}}, TTL)
+    first = {("t1", "2026-12-01"): {"requests": 2, "status:2xx": 2}}
+    await backend.add_usage(first, TTL, source="p1", seq=1)
+    await backend.add_usage(first, TTL, source="p1", seq=1)  # sent again after a late answer
     await backend.add_usage(
-        {("t1", "2026-12-01"): {"requests": 3}, ("t2", "2026-12-01"): {"requests": 1}}, TTL
+        {("t1", "2026-12-01"): {"requests": 3}, ("t2", "2026-12-01"): {"requests": 1}},
+        TTL,
+        source="p2",  # another process numbers its own batches
+        seq=1,
     )
-    await backend.add_usage({("t1", "2026-12-02"): {"numbers": 500}}, TTL)
+    await backend.add_usage({("t1", "2026-12-02"): {"numbers": 500}}, TTL, source="p1", seq=2)
+    await backend.add_usage({("t1", "2026-12-02"): {"numbers": 9}}, TTL, source="p1", seq=1)
     days = ["2026-11-30", "2026-12-01", "2026-12-02"]
     assert await backend.read_usage("t1", days) == {
         "2026-11-30": {},

@@ -4,6 +4,8 @@ a replaced certificate served without a restart, bad PEM refused with one clear 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import shutil
 import ssl
@@ -77,10 +79,14 @@ def authority(tmp_path: Path) -> Authority:
 
 def install(pair: CertificatePair, target: CertificatePair) -> None:
     """Put ``pair`` where the gateway reads ``target`` (each file replaced, as a deploy does)."""
-    for source, dest in ((pair.key, target.key), (pair.cert, target.cert)):
-        scratch = dest.with_suffix(".new")
-        shutil.copyfile(source, scratch)
-        os.replace(scratch, dest)
+    replace_file(pair.key, target.key)
+    replace_file(pair.cert, target.cert)
+
+
+def replace_file(source: Path, dest: Path) -> None:
+    scratch = dest.with_suffix(".new")
+    shutil.copyfile(source, scratch)
+    os.replace(scratch, dest)
 
 
 def served_files(tmp_path: Path, pair: CertificatePair) -> CertificatePair:
@@ -158,6 +164,30 @@ async def test_a_reload_serves_new_handshakes_and_keeps_open_connections(
     open_writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert (await _reader.read()).startswith(b"HTTP/1.1 200")
     open_writer.close()
+
+
+async def test_a_pair_replaced_file_by_file_is_loaded_once_whole_never_refused_half_way(
+    https_port: tuple[int, CertificateWatcher],
+    authority: Authority,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="proxy.tls")
+    port, served = https_port
+    watcher = CertificateWatcher(served.context, served.pair, interval=0.01)
+    task = asyncio.create_task(watcher.watch())
+    try:
+        second = authority.issue("second")
+        caplog.clear()
+        replace_file(second.key, served.pair.key)  # the key first, as a deploy copying files
+        await asyncio.sleep(0.05)  # several polls see the new key with the old certificate
+        replace_file(second.cert, served.pair.cert)  # then the certificate
+        await shows(port, authority.client(), "second")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    logged = [r.message for r in caplog.records if r.name == "proxy.tls"]
+    assert logged == [RELOADED]
 
 
 @pytest.mark.parametrize("bad", ["junk", "mismatched key", "missing key"])

@@ -16,8 +16,10 @@ from aiohttp import web
 
 from proxy import cli
 from proxy.app import create_app
+from proxy.appkeys import USAGE as USAGE_LEDGER
 from proxy.config import Quotas
-from proxy.state import MemoryState
+from proxy.state import MemoryState, StateUnavailable
+from proxy.state.base import UsageCounts
 from proxy.state.fallback import ResilientState
 from proxy.tenants import Registry, Tenant, load_registry
 from proxy.usage import FLUSH_EVERY, UsageLedger, day_entry
@@ -209,3 +211,130 @@ async def test_the_usage_command_reads_every_tenant_from_state_url(
     assert "quota numbersPerDay: 2 of 100 used" in table
     assert await asyncio.to_thread(usage, "--tenant", "nobody") == 1
     assert "no tenant with alias 'nobody'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("state_url", [None, "memory://"])
+def test_the_usage_command_refuses_memory_state_it_cannot_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], state_url: str | None
+) -> None:
+    entries = [tenant_entry("tenant-a", KEY_A, "http://127.0.0.1:9", CREDS_A)]
+    env = {"TENANTS_FILE": str(write_tenants(tmp_path / "tenants.json", entries))}
+    if state_url is not None:
+        env["STATE_URL"] = state_url
+    assert cli.main(["usage"], environ=env) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no table of zeros
+    assert "STATE_URL" in captured.err and "memory://" in captured.err
+    assert "sqlite:///" in captured.err and "redis://" in captured.err
+
+
+class LateAnswer(MemoryState):
+    """Adds the first flush's counts, then answers too late: the caller cannot tell it was
+    applied (as a Redis reply lost after EXEC, or a SQLite commit past the call's deadline)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.late = True
+
+    async def add_usage(self, counts: UsageCounts, ttl: float, *, source: str, seq: int) -> None:
+        await super().add_usage(counts, ttl, source=source, seq=seq)
+        if self.late:
+            self.late = False
+            raise StateUnavailable("the answer came too late")
+
+
+async def test_a_flush_whose_answer_was_late_is_not_counted_twice() -> None:
+    backend = LateAnswer()
+    ledger = UsageLedger(ResilientState(backend), ZoneInfo("UTC"))
+    tenant = make_tenant("t", KEY_A, "http://x", CREDS_A)
+    ledger.count_request(tenant, "callAppend", 200)
+    await ledger.flush()  # applied, but it looks failed: sent again by the next flush
+    ledger.count_request(tenant, "callAppend", 200)
+    await ledger.flush()
+    await ledger.flush()
+    day = ledger.today()
+    assert (await backend.read_usage(tenant.id, [day]))[day]["requests"] == 2
+
+
+# --- each number counted once: retried Idempotency-Key runs, upstream failures --------------
+
+RUN_PHONES = [f"1390000{i:04d}" for i in range(6)]
+RUN_BODY = {"taskId": "t", "phoneNumbers": [*RUN_PHONES, ""]}  # six usable, one unusable
+
+
+class LoseAfterFirstBatch(MemoryState):
+    """The first owner loses its claim after its first batch (its lease lapsed), so the
+    repeat takes the run over: the second owner sends what the first could not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first_owner = ""
+
+    async def record_intent(
+        self, key: str, owner: str, batch: int, intent: bytes, now: float
+    ) -> bool:
+        self.first_owner = self.first_owner or owner
+        if owner == self.first_owner and batch > 0:
+            await self.abandon(key, owner)
+            return False
+        return await super().record_intent(key, owner, batch, intent, now)
+
+
+class AnswerNotStored(MemoryState):
+    """Storing the run's answer fails once and its lease lapses: the repeat takes the finished
+    run over and answers from its journal, sending nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    async def complete(self, key: str, owner: str, answer: bytes, ttl: float, now: float) -> bool:
+        if self.failed:
+            return await super().complete(key, owner, answer, ttl, now)
+        self.failed = True
+        await self.abandon(key, owner)
+        raise StateUnavailable("the answer could not be stored")
+
+
+async def today_usage(client: Client, backend: MemoryState, tenant: Tenant) -> dict[str, int]:
+    await client.app[USAGE_LEDGER].flush()
+    today = datetime.now(ZoneInfo("UTC")).date().isoformat()
+    return (await backend.read_usage(tenant.id, [today]))[today]
+
+
+@pytest.mark.parametrize("backend", [LoseAfterFirstBatch, AnswerNotStored])
+async def test_a_run_taken_over_counts_each_number_once(
+    aiohttp_client: AiohttpClient, upstream: Upstream, backend: type[MemoryState]
+) -> None:
+    state = backend()
+    client = await gateway_on(
+        aiohttp_client, state, upstream, APPEND_BATCH_SIZE="2", APPEND_CONCURRENCY="1"
+    )
+    headers = {"x-api-key": KEY_A, "Idempotency-Key": "run-1"}
+    first = await client.post(APPEND, json=RUN_BODY, headers=headers)
+    repeat = await client.post(APPEND, json=RUN_BODY, headers=headers)
+    assert repeat.status == 200, await repeat.text()
+    assert (await repeat.json())["data"]["successCount"] == 6
+    assert first.status in (200, 409)
+    sent = [r for r in upstream.received if r.path.endswith("/call/append")]
+    assert sum(len(json.loads(r.body)["list"]) for r in sent) == 6  # nobody called twice
+    counts = await today_usage(client, state, tenants_of(upstream)[0])
+    assert (counts["numbersAppended"], counts["numbersFailed"]) == (6, 1)
+
+
+async def test_a_batch_nxlink_never_answered_is_a_failed_number_and_an_upstream_error(
+    aiohttp_client: AiohttpClient,
+) -> None:
+    backend = MemoryState()
+    dead = "http://127.0.0.1:9"  # nothing listens on the discard port
+    tenant = make_tenant("tenant-a", KEY_A, dead, CREDS_A)
+    app = create_app(
+        make_settings(APPEND_BATCH_SIZE="2"), Registry([tenant]), open_backend=lambda _url: backend
+    )
+    client = await aiohttp_client(app)
+    body = {"taskId": "t", "phoneNumbers": RUN_PHONES[:3]}
+    answer = await client.post(APPEND, json=body, headers={"x-api-key": KEY_A})
+    assert answer.status == 200 and (await answer.json())["data"]["failCount"] == 3
+    counts = await today_usage(client, backend, tenant)
+    assert (counts.get("numbersAppended", 0), counts["numbersFailed"]) == (0, 3)
+    assert counts["upstreamErrors"] == 2  # two batches, each an exchange that failed

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
@@ -25,8 +24,6 @@ class AdminContext:
     state: StateBackend  # usage and the audit log
     upstream: Callable[[], UpstreamClient]  # the proxy's client, opened with its app
     tenants_file: TenantsFile
-    # Writes of this process one at a time, so registries are swapped in the files' order.
-    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # The version of the tenants file the live registry was last brought up to by the admin.
     seen: list[str | None] = field(default_factory=lambda: [None])
 

@@ -50,7 +50,7 @@ async def current(request: web.Request) -> tuple[Registry, str | None]:
     that ETag undo the other process's change. So the file is read, and if it changed, checked
     and swapped in here first (as the reload would, a moment later)."""
     ctx = admin_context(request)
-    async with ctx.write_lock:
+    async with ctx.gateway.swap_lock:  # the reload's too: swaps in the files' order
         etag, registry = await asyncio.to_thread(ctx.tenants_file.snapshot)
         if registry is not None and etag != ctx.seen[0]:
             ctx.gateway.registry, ctx.seen[0] = registry, etag
@@ -161,7 +161,8 @@ async def write(request: web.Request, edit: Edit) -> Written:
 
 
 async def _write(ctx: AdminContext, edit: Edit, if_match: str | None) -> Written:
-    async with ctx.write_lock:
+    # Writes of this process one at a time, and never while a reload reads the file.
+    async with ctx.gateway.swap_lock:
         written = await asyncio.to_thread(ctx.tenants_file.change, edit, if_match)
         ctx.gateway.registry, ctx.seen[0] = written.registry, written.etag
     return written

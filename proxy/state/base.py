@@ -167,8 +167,12 @@ UsageCounts = Mapping[tuple[str, str], Mapping[str, int]]  # (tenant id, YYYY-MM
 class UsageLedger(Protocol):
     """Per tenant and day: named counters (``requests``, ``action:callAppend``, ...)."""
 
-    async def add_usage(self, counts: UsageCounts, ttl: float) -> None:
-        """Add the increments; a day's counters are kept ``ttl`` seconds after its last change."""
+    async def add_usage(self, counts: UsageCounts, ttl: float, *, source: str, seq: int) -> None:
+        """Add the increments of batch ``seq`` from ``source`` (one process's ledger, which
+        numbers its batches 1, 2, ... and sends them in order), unless a batch of that source
+        numbered ``seq`` or more was added already: a flush sent again because its answer was
+        late or lost adds nothing the second time. A day's counters, and a source's last
+        number, are kept ``ttl`` seconds after their last change."""
         ...
 
     async def read_usage(self, tenant: str, days: Sequence[str]) -> dict[str, dict[str, int]]:

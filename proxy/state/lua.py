@@ -168,6 +168,26 @@ for i, key in ipairs(KEYS) do used[i] = tonumber(redis.call('GET', key)) end
 return {1, -1, used}
 """
 
+# KEYS: the source's last batch number, then one hash per tenant and day. ARGV: seconds to
+# keep them, the batch's number, then for each hash its number of fields and (field, amount)
+# pairs. A batch numbered no higher than the last one added (its flush sent again after a late
+# answer) adds nothing.
+ADD_USAGE: Final = """
+local seq = tonumber(ARGV[2])
+if tonumber(redis.call('GET', KEYS[1]) or '0') >= seq then return 0 end
+redis.call('SET', KEYS[1], seq, 'EX', ARGV[1])
+local i = 3
+for k = 2, #KEYS do
+  local fields = tonumber(ARGV[i])
+  for f = 1, fields do
+    redis.call('HINCRBY', KEYS[k], ARGV[i + 2 * f - 1], ARGV[i + 2 * f])
+  end
+  redis.call('EXPIRE', KEYS[k], ARGV[1])
+  i = i + 1 + 2 * fields
+end
+return 1
+"""
+
 # KEYS: counters. ARGV: amounts. DECRBY keeps the counter's expiry; a counter never goes below 0.
 GIVE_BACK: Final = """
 for i, key in ipairs(KEYS) do

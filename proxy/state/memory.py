@@ -55,6 +55,7 @@ class MemoryState:
         self._runs: dict[str, _Run] = {}
         self._quotas: dict[str, _Counter] = {}
         self._usage: dict[tuple[str, str], dict[str, int]] = {}
+        self._usage_seqs: dict[str, int] = {}  # source → the last batch it added
         self._audit: deque[bytes] = deque()
 
     async def ping(self) -> None:
@@ -187,7 +188,10 @@ class MemoryState:
 
     # usage and audit
 
-    async def add_usage(self, counts: UsageCounts, ttl: float) -> None:
+    async def add_usage(self, counts: UsageCounts, ttl: float, *, source: str, seq: int) -> None:
+        if self._usage_seqs.get(source, 0) >= seq:
+            return
+        self._usage_seqs[source] = seq
         for day_key, increments in counts.items():
             day = self._usage.setdefault(day_key, {})
             for name, amount in increments.items():

@@ -72,6 +72,7 @@ class RedisState:
         self._abandon = register(lua.ABANDON)
         self._reserve = register(lua.RESERVE)
         self._give_back = register(lua.GIVE_BACK)
+        self._add_usage = register(lua.ADD_USAGE)
 
     async def ping(self) -> None:
         await self._call_again(self._client.ping)
@@ -159,14 +160,16 @@ class RedisState:
 
     # usage and audit
 
-    async def add_usage(self, counts: UsageCounts, ttl: float) -> None:
-        pipe = self._client.pipeline(transaction=True)
+    async def add_usage(self, counts: UsageCounts, ttl: float, *, source: str, seq: int) -> None:
+        keys = [_key("usage-source", source)]
+        args: list[str | int] = [max(1, round(ttl)), seq]
         for (tenant, day), increments in counts.items():
-            name = _usage_key(tenant, day)
+            keys.append(_usage_key(tenant, day))
+            args.append(len(increments))
             for field, amount in increments.items():
-                pipe.hincrby(name, field, amount)
-            pipe.expire(name, max(1, round(ttl)))
-        await self._call(pipe.execute())
+                args.extend((field, amount))
+        # Sent again after a lost reply: the script adds a source's batch number only once.
+        await self._call_again(lambda: self._add_usage(keys, args))
 
     async def read_usage(self, tenant: str, days: Sequence[str]) -> dict[str, dict[str, int]]:
         def read() -> Awaitable[list[Any]]:

@@ -52,6 +52,8 @@ CREATE TABLE IF NOT EXISTS quotas (key TEXT PRIMARY KEY, used INTEGER NOT NULL,
 CREATE TABLE IF NOT EXISTS usage (
     tenant TEXT NOT NULL, day TEXT NOT NULL, name TEXT NOT NULL, n INTEGER NOT NULL,
     expires REAL NOT NULL, PRIMARY KEY (tenant, day, name));
+CREATE TABLE IF NOT EXISTS usage_sources (
+    source TEXT PRIMARY KEY, seq INTEGER NOT NULL, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, entry BLOB NOT NULL);
 """
 
@@ -212,10 +214,10 @@ class SqliteState:
 
     # usage and audit
 
-    async def add_usage(self, counts: UsageCounts, ttl: float) -> None:
-        expires = time.time() + ttl
+    async def add_usage(self, counts: UsageCounts, ttl: float, *, source: str, seq: int) -> None:
+        now = time.time()
         rows = [
-            (tenant, day, name, amount, expires)
+            (tenant, day, name, amount, now + ttl)
             for (tenant, day), increments in counts.items()
             for name, amount in increments.items()
         ]
@@ -223,7 +225,18 @@ class SqliteState:
             "INSERT INTO usage VALUES (?, ?, ?, ?, ?) ON CONFLICT (tenant, day, name) "
             "DO UPDATE SET n = n + excluded.n, expires = excluded.expires"
         )
-        await self._run(lambda db: db.executemany(sql, rows))
+
+        mark = (
+            "INSERT INTO usage_sources VALUES (?, ?, ?) ON CONFLICT (source) "
+            "DO UPDATE SET seq = excluded.seq, expires = excluded.expires "
+            "WHERE usage_sources.seq < excluded.seq OR usage_sources.expires <= ?"
+        )
+
+        def add(db: Db) -> None:
+            if db.execute(mark, (source, seq, now + ttl, now)).rowcount == 1:  # 0: added already
+                db.executemany(sql, rows)
+
+        await self._run(add)
 
     async def read_usage(self, tenant: str, days: Sequence[str]) -> dict[str, dict[str, int]]:
         def read(db: Db) -> dict[str, dict[str, int]]:

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from aiohttp import web
 from prometheus_client import Counter
@@ -242,41 +242,59 @@ async def counted_run(
     """The run within the tenant's numbers quotas: reserved whole before anything is sent
     (429 ``QUOTA_EXCEEDED`` when they do not fit), the numbers nxlink did not accept given back
     (never the OUTCOME_UNKNOWN ones: they may have been called)."""
-    reservation, journaled = await _reservation(request, plan, journal)
+    reservation, settle = await _reservation(request, plan, journal)
     outcomes = await job.run(plan, journal)
     results = collect(job.call.entries, plan.batches, outcomes, plan.known)
     # A recorded reservation covers the whole request, a new one only this run's batches.
     covered = results if plan.reserved is not None else [r for o in outcomes for r in o]
     kept = sum(1 for r in covered if spent(r))
-    await _give_back(request, reservation, kept, journal if journaled else None)
+    await _give_back(request, reservation, kept, settle, journal)
     return results
+
+
+Settle = Literal["direct", "journal", "unclear"]
 
 
 async def _reservation(
     request: web.Request, plan: Plan, journal: JournalRun | None
-) -> tuple[Reservation, bool]:
-    """The run's reservation, and whether the journal holds it: the one a previous owner
-    recorded, else one made now and recorded before any batch is sent (only when the shared
-    backend took it: a taker in another process could give nothing back to this one's memory)."""
+) -> tuple[Reservation, Settle]:
+    """The run's reservation, and how its unspent numbers are given back: ``journal`` when the
+    journal holds it (the one a previous owner recorded, else one made now and recorded before
+    any batch is sent); ``direct`` when it is this run's alone (no journal, or a reservation in
+    this process's memory that a taker elsewhere could not give back); ``unclear`` when
+    recording it failed without an answer: it may be in the journal, so a taker may settle it,
+    and giving it back here too could give it back twice."""
     if plan.reserved is not None:
-        return Reservation.decode(plan.reserved), True
+        return Reservation.decode(plan.reserved), "journal"
     reservation = NOTHING_RESERVED
     if plan.numbers:
         tenant = current_tenant(request)
         reservation = await request.app[QUOTAS].reserve(tenant, "numbers", plan.numbers)
         learn_quotas(context(request).limits, reservation.statuses)
     if journal is None or not reservation.charges or reservation.where == "local":
-        return reservation, False
-    return reservation, await journal.record_reservation(reservation.encode())
+        return reservation, "direct"
+    if await journal.record_reservation(reservation.encode()):
+        return reservation, "journal"
+    return reservation, "unclear" if journal.state_failed else "direct"
 
 
 async def _give_back(
-    request: web.Request, reservation: Reservation, kept: int, journal: JournalRun | None
+    request: web.Request,
+    reservation: Reservation,
+    kept: int,
+    settle: Settle,
+    journal: JournalRun | None,
 ) -> None:
     """Give back all but ``kept``. A reservation in the journal is recorded as settled first, so
     that no later taker gives the same numbers back again; a run that lost its claim leaves the
-    giving back to the owner that took it over."""
-    if journal is None or await journal.record_reservation(reservation.keeping(kept).encode()):
+    giving back to the owner that took it over. An ``unclear`` one stays charged (never extra
+    budget: a taker that finds it settles it)."""
+    if settle == "unclear":
+        logger.warning("%d numbers left reserved: state unavailable", reservation.amount - kept)
+        return
+    if settle == "direct" or (
+        journal is not None and await journal.record_reservation(reservation.keeping(kept).encode())
+    ):
         await request.app[QUOTAS].give_back(reservation, reservation.amount - kept)
 
 

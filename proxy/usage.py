@@ -25,6 +25,10 @@ KEEP_DAYS: Final = 100  # longer than the most days a report shows
 MAX_DAYS: Final = 90
 STATUS_CLASSES: Final = ("2xx", "4xx", "5xx")
 UPSTREAM_ERRORS: Final = frozenset({502, 504})
+# Distinct (tenant, day, action, status) counters kept between flushes: the action comes from
+# the client's header, so while the backend is down new names past this count as OTHER_ACTION.
+MAX_PENDING: Final = 10_000
+OTHER_ACTION: Final = "other"
 
 Counts = dict[tuple[str, str], dict[str, int]]
 
@@ -62,7 +66,10 @@ class UsageLedger:
 
     def count_request(self, tenant: Tenant, action: str, status: int) -> None:
         """One answered request of ``tenant``."""
-        self._requests[tenant.id, self.day, action, status] += 1
+        requests, key = self._requests, (tenant.id, self.day, action, status)
+        if len(requests) >= MAX_PENDING and key not in requests:
+            key = (tenant.id, self.day, OTHER_ACTION, status)
+        requests[key] += 1
 
     def count_numbers(self, tenant: Tenant, appended: int, failed: int) -> None:
         """The numbers one append-numbers request appended and failed."""
@@ -90,24 +97,31 @@ class UsageLedger:
 
     async def flush(self) -> None:
         """Add what was counted to the backend as the next batch; a batch that failed is sent
-        again, as it was, by the next flush, before anything newer (which waits in memory)."""
+        again, as it was, by the next flush, before anything newer (which waits in memory and
+        goes in the same flush once the old batch is in: the last flush at shutdown loses
+        nothing the backend takes)."""
         async with self._flushing:
             self.day = self.today()
-            if self._unsent is None:
-                counts = self.take()
-                if not counts:
-                    return
-                self._seq += 1
-                self._unsent = (self._seq, counts)
-            seq, counts = self._unsent
-            ttl, source = KEEP_DAYS * 86400, self._source
-            try:
-                await self.state.shared_only(
-                    lambda s: s.add_usage(counts, ttl, source=source, seq=seq)
-                )
-            except StateUnavailable:
-                return
-            self._unsent = None
+            resent = self._unsent is not None
+            if await self._send_batch() and resent:
+                await self._send_batch()
+
+    async def _send_batch(self) -> bool:
+        """Send the pending batch, or the next one; False when the backend did not take it."""
+        if self._unsent is None:
+            counts = self.take()
+            if not counts:
+                return True
+            self._seq += 1
+            self._unsent = (self._seq, counts)
+        seq, counts = self._unsent
+        ttl, source = KEEP_DAYS * 86400, self._source
+        try:
+            await self.state.shared_only(lambda s: s.add_usage(counts, ttl, source=source, seq=seq))
+        except StateUnavailable:
+            return False
+        self._unsent = None
+        return True
 
     async def keep_flushing(self) -> None:
         """Flush every ``FLUSH_EVERY`` seconds, for good."""

@@ -34,6 +34,7 @@ from tests.state_fakes import SwitchableState
 
 URL = "/api/openapi/append-numbers"
 AiohttpClient = Callable[[web.Application], Awaitable[Client]]
+AiohttpServer = Callable[..., Awaitable[TestServer]]
 PHONES = [f"1390000{i:04d}" for i in range(6)]
 BODY = json.dumps({"taskId": "t", "phoneNumbers": PHONES}).encode()
 
@@ -277,3 +278,41 @@ async def test_a_run_whose_lease_lapsed_unrenewed_sends_nothing_more_and_answers
     assert [r.get("error") for r in results] == [NOT_SENT]
     with pytest.raises(errors.StateUnreachable):
         run.check()
+
+
+class LateReservationRecord(MemoryState):
+    """The run's quota reservation reaches the journal, but the answer saying so is lost once
+    (a Redis reply after its socket timeout, a SQLite write that commits past the call's
+    deadline)."""
+
+    late = True
+
+    async def record_intent(
+        self, key: str, owner: str, batch: int, intent: bytes, now: float
+    ) -> bool:
+        recorded = await super().record_intent(key, owner, batch, intent, now)
+        if batch < 0 and self.late:
+            self.late = False
+            raise StateUnavailable("the answer came too late")
+        return recorded
+
+
+async def test_a_reservation_recorded_without_an_answer_is_not_given_back_twice(
+    aiohttp_client: AiohttpClient, aiohttp_server: AiohttpServer
+) -> None:
+    """The first run cannot tell whether its reservation is in the journal: it sends nothing
+    (503) and must not give it back, or the repeat that takes the recorded reservation over
+    would send every number with nothing charged."""
+    nxlink = HoldingNxlink(CREDS_A)
+    server = await aiohttp_server(nxlink.app())
+    tenant = make_tenant("tenant-a", KEY_A, str(server.make_url("")).rstrip("/"), CREDS_A)
+    tenant = dataclasses.replace(tenant, quotas=Quotas(numbers_per_day=100))
+    backend = LateReservationRecord()
+    client = await gateway_on(aiohttp_client, backend, tenant)
+    first = await append(client)
+    assert first[0] == 503 and nxlink.received == []
+    status, _headers, again = await append(client)
+    assert status == 200 and again["data"]["successCount"] == len(PHONES)
+    day = datetime.now(UTC).date().isoformat()
+    used = await backend.quota_used([f"q:{tenant.id}:numbersPerDay:{day}"])
+    assert sorted(nxlink.received) == sorted(PHONES) and used == [len(PHONES)]

@@ -162,11 +162,14 @@ async def test_sqlite_sweeps_expired_rows_now_and_then(
     await backend.claim("old", "fp", "A", 15, 60, NOW)
     await backend.record_intent("old", "A", 0, b"intent", NOW)
     await backend.acquire_slot("k", "gone", 1, 10, NOW)
+    # Usage kept a millisecond, with its source's batch number (a process that is gone).
+    await backend.add_usage({("t", "2026-12-01"): {"requests": 1}}, 0.001, source="p", seq=1)
+    await asyncio.sleep(0.01)
     await backend.claim("live", "fp", "A", 15, 3600, NOW + 100)  # the third: sweeps at NOW+100
     with sqlite3.connect(tmp_path / "s.db") as db:
-        tables = ["runs", "journal", "slots", "buckets"]
+        tables = ["runs", "journal", "slots", "buckets", "usage", "usage_sources"]
         counts = [db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables]
-    assert counts == [1, 0, 0, 0]
+    assert counts == [1, 0, 0, 0, 0, 0]
     await backend.close()
 
 

@@ -22,7 +22,7 @@ from proxy.state import MemoryState, StateUnavailable
 from proxy.state.base import UsageCounts
 from proxy.state.fallback import ResilientState
 from proxy.tenants import Registry, Tenant, load_registry
-from proxy.usage import FLUSH_EVERY, UsageLedger, day_entry
+from proxy.usage import FLUSH_EVERY, MAX_PENDING, OTHER_ACTION, UsageLedger, day_entry
 from tests.conftest import (
     CREDS_A,
     CREDS_B,
@@ -254,6 +254,47 @@ async def test_a_flush_whose_answer_was_late_is_not_counted_twice() -> None:
     await ledger.flush()
     day = ledger.today()
     assert (await backend.read_usage(tenant.id, [day]))[day]["requests"] == 2
+
+
+class FailsOnce(MemoryState):
+    """A backend whose first usage write fails (a blip)."""
+
+    failed = False
+
+    async def add_usage(self, counts: UsageCounts, ttl: float, *, source: str, seq: int) -> None:
+        if not self.failed:
+            self.failed = True
+            raise StateUnavailable("a blip")
+        await super().add_usage(counts, ttl, source=source, seq=seq)
+
+
+async def test_one_flush_after_a_failed_one_sends_the_old_batch_and_the_new_counts() -> None:
+    """What the last flush at shutdown must do: nothing counted after a blip stays behind."""
+    backend = FailsOnce()
+    ledger = UsageLedger(ResilientState(backend), ZoneInfo("UTC"))
+    tenant = make_tenant("t", KEY_A, "http://x", CREDS_A)
+    ledger.count_request(tenant, "callAppend", 200)
+    await ledger.flush()  # fails: the batch waits
+    ledger.count_request(tenant, "taskList", 200)
+    await ledger.flush()
+    day = ledger.today()
+    stored = (await backend.read_usage(tenant.id, [day]))[day]
+    assert (stored["requests"], stored["action:taskList"]) == (2, 1)
+    assert ledger.take() == {}
+
+
+def test_pending_counters_are_bounded_whatever_actions_clients_name() -> None:
+    """The action is the client's header: while the backend is down, new names past
+    MAX_PENDING are counted under OTHER_ACTION, every request still counted."""
+    ledger = UsageLedger(ResilientState(MemoryState()), ZoneInfo("UTC"))
+    tenant = make_tenant("t", KEY_A, "http://x", CREDS_A)
+    for n in range(MAX_PENDING + 50):
+        ledger.count_request(tenant, f"made{n}", 200)
+    ledger.count_request(tenant, "made0", 200)  # one already kept still counts as itself
+    fields = ledger.take()[tenant.id, ledger.today()]
+    assert fields["requests"] == MAX_PENDING + 51
+    assert fields[f"action:{OTHER_ACTION}"] == 50 and fields["action:made0"] == 2
+    assert sum(1 for name in fields if name.startswith("action:")) == MAX_PENDING + 1
 
 
 # --- each number counted once: retried Idempotency-Key runs, upstream failures --------------

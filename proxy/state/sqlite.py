@@ -334,6 +334,7 @@ class SqliteState:
         db.execute("DELETE FROM runs WHERE expires <= ?", (now,))
         db.execute("DELETE FROM quotas WHERE expires <= ?", (wall,))
         db.execute("DELETE FROM usage WHERE expires <= ?", (wall,))
+        db.execute("DELETE FROM usage_sources WHERE expires <= ?", (wall,))
 
 
 _LIVE: Final = "key = ? AND owner = ? AND answer IS NULL AND lease_until > ?"

@@ -9,8 +9,8 @@ import math
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Final
@@ -101,6 +101,8 @@ class Limiter:
         self._holder = f"{os.getpid()}-{secrets.token_hex(4)}-"
         self._serial = itertools.count()
         self._spare: dict[str, Spare] = {}  # tenant id → its prefetched tokens
+        # tenant id → (the tenant object, its policy, its bucket key)
+        self._policies: dict[str, tuple[Tenant, TenantPolicy, str]] = {}
 
     def free(self, tenant: Tenant) -> bool:
         """True when no limit and no quota applies to ``tenant``: the common case, decided
@@ -121,24 +123,24 @@ class Limiter:
         own = tenant.limits
         if self._no_defaults and not own.rate_limit_rps and not own.max_inflight:
             return UNLIMITED  # the common case: decided without a policy or a state call
-        policy = TenantPolicy.of(tenant, self.settings)
+        policy, key = self._policy(tenant)
         if policy.rate is None and policy.max_inflight is None:
             return UNLIMITED
-        return self._admitted(tenant, policy)
+        return Admitting(self, tenant, policy, key)
 
-    @asynccontextmanager
-    async def _admitted(self, tenant: Tenant, policy: TenantPolicy) -> AsyncIterator[Admission]:
-        # The slot before the bucket: a busy tenant wastes no token.
-        holder = await self._acquire(tenant, policy.max_inflight)
-        slot = None if holder is None else Slot(partial(self._release, slot_key(tenant), holder))
-        try:
-            yield Admission(policy, await self._take(tenant, policy), slot)
-        finally:
-            if slot is not None and not slot.handed:
-                await slot.free()
+    def _policy(self, tenant: Tenant) -> tuple[TenantPolicy, str]:
+        """The tenant's policy and bucket key, worked out once per tenant object (a reload
+        brings new objects, so a changed limit is seen at once)."""
+        cached = self._policies.get(tenant.id)
+        if cached is not None and cached[0] is tenant:
+            return cached[1], cached[2]
+        policy = TenantPolicy.of(tenant, self.settings)
+        key = "" if policy.rate is None else rate_key(tenant, policy.rate, policy.burst)
+        self._policies[tenant.id] = (tenant, policy, key)
+        return policy, key
 
-    async def _take(self, tenant: Tenant, policy: TenantPolicy) -> RateDecision | None:
-        """Spend one token of the tenant's bucket or raise 429 ``RATE_LIMITED``.
+    async def _take(self, tenant: Tenant, policy: TenantPolicy, key: str) -> RateDecision | None:
+        """Spend one token of the tenant's bucket ``key`` or raise 429 ``RATE_LIMITED``.
 
         Tokens are taken from the shared bucket before they are spent, never after: a process
         holds at most ``prefetch_count - 1`` spare ones, which the others cannot have meanwhile
@@ -146,12 +148,13 @@ class Limiter:
         rate = policy.rate
         if rate is None:
             return None
-        key, now = rate_key(tenant, rate, policy.burst), self.clock()
+        now = self.clock()
         spare = self._spare.get(tenant.id)
         if spare is not None and spare.key == key and spare.tokens and now < spare.expires_at:
             spare.tokens -= 1
             # Approximate: the bucket's count when they were fetched, plus what is left here.
-            return replace(spare.last, granted=1, remaining=spare.last.remaining + spare.tokens)
+            last = spare.last
+            return RateDecision(1, last.remaining + spare.tokens, last.retry_after, last.reset)
         decision = await self._fetch(tenant, key, rate, policy.burst, now)
         if not decision.allowed:
             raise TooManyRequests(
@@ -214,3 +217,35 @@ class Limiter:
     async def _renew(self, key: str, holders: list[str], now: float) -> None:
         await self.state.local.renew_slots(key, holders, SLOT_TTL, now)
         await self.state.shared_or_local(lambda s: s.renew_slots(key, holders, SLOT_TTL, now))
+
+
+class Admitting:
+    """The block of one admitted request: its slot held (before the bucket: a busy tenant
+    wastes no token) and its token taken on entry, the slot freed on exit unless handed on.
+    A class, not a generator-based context manager: it runs on every limited request."""
+
+    __slots__ = ("limiter", "policy", "key", "slot", "tenant")
+
+    def __init__(self, limiter: Limiter, tenant: Tenant, policy: TenantPolicy, key: str):
+        self.limiter, self.tenant, self.policy, self.key = limiter, tenant, policy, key
+        self.slot: Slot | None = None
+
+    async def __aenter__(self) -> Admission:
+        limiter, tenant = self.limiter, self.tenant
+        holder = await limiter._acquire(tenant, self.policy.max_inflight)
+        if holder is not None:
+            self.slot = Slot(partial(limiter._release, slot_key(tenant), holder))
+        try:
+            rate = await limiter._take(tenant, self.policy, self.key)
+        except BaseException:
+            await self._free()
+            raise
+        return Admission(self.policy, rate, self.slot)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._free()
+
+    async def _free(self) -> None:
+        slot = self.slot
+        if slot is not None and not slot.handed:
+            await slot.free()

@@ -152,12 +152,11 @@ class QuotaBook:
 
     def statuses(self, tenant: Tenant, kind: Kind, now: float) -> list[QuotaStatus]:
         """The tenant's quotas of ``kind``, with nothing used yet."""
+        in_force = [(name, limit) for name, limit in self.in_force(tenant) if name.startswith(kind)]
+        if not in_force:
+            return []  # no date worked out: a limited tenant without quotas asks on every request
         local = datetime.fromtimestamp(now, self.zone)
-        return [
-            QuotaStatus(name, limit, 0, window_of(name, local))
-            for name, limit in self.in_force(tenant)
-            if name.startswith(kind)
-        ]
+        return [QuotaStatus(name, limit, 0, window_of(name, local)) for name, limit in in_force]
 
     def every_status(self, tenant: Tenant, now: float) -> list[QuotaStatus]:
         """Every quota of the tenant, numbers first, with nothing used yet."""

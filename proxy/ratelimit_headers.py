@@ -3,6 +3,7 @@ field form of draft 10): one item per limit in force on the tenant."""
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -47,7 +48,7 @@ class LimitState:
 
     def headers(self) -> list[tuple[str, str]]:
         """The two header fields (``RateLimit`` only when some item's state is known)."""
-        policy = ", ".join(f'"{n}";q={i.quota};w={i.window}' for n, i in self.items.items())
+        policy = ", ".join(_policy_item(n, i.quota, i.window) for n, i in self.items.items())
         known = [
             f'"{n}";r={i.remaining};t={i.reset}'
             for n, i in self.items.items()
@@ -57,6 +58,12 @@ class LimitState:
         if known:
             fields.append((STATE_HEADER, ", ".join(known)))
         return fields
+
+
+@functools.lru_cache(maxsize=1024)
+def _policy_item(name: str, quota: int, window: int) -> str:
+    """One ``RateLimit-Policy`` item (the same for a tenant from one request to the next)."""
+    return f'"{name}";q={quota};w={window}'
 
 
 def bucket_window(rate: float, burst: int) -> int:

@@ -21,7 +21,16 @@ import aiohttp
 from bench import instructions, streaming
 from bench.instructions import have_callgrind
 from bench.load import LoadResult, have_wrk, wrk, wrk_count
-from bench.procs import LOOPBACK, GiB, bare_proxy, gateway, nginx, python_upstream, rss_kib
+from bench.procs import (
+    LOOPBACK,
+    RATE_LIMITED,
+    GiB,
+    bare_proxy,
+    gateway,
+    nginx,
+    python_upstream,
+    rss_kib,
+)
 from tests.redis_server import RedisServer
 
 REFERENCE_RPS: Final = 760.0
@@ -33,17 +42,13 @@ def url(port: int) -> str:
     return f"http://{LOOPBACK}:{port}{PATH}"
 
 
-# A rate limit so high that it never refuses: every request still takes a token in Redis.
-REDIS_LIMITED: Final = {"RATE_LIMIT_RPS": "1000000", "RATE_LIMIT_BURST": "1000000"}
-
-
 def throughput(args: argparse.Namespace, origin: int, proxy: int | None) -> dict[str, Any]:
     """Req/s and latency of every target, in interleaved rounds; the median round of each."""
     workers = len(os.sched_getaffinity(0))
     with (
         redis_server() as redis_url,
         gateway(origin) as (_gw, gateway_port, _ready),
-        gateway(origin, STATE_URL=redis_url, **REDIS_LIMITED) as (_gr, redis_port, _ready_r),
+        gateway(origin, STATE_URL=redis_url, **RATE_LIMITED) as (_gr, redis_port, _ready_r),
         bare_proxy(origin, "session") as session_port,
         bare_proxy(origin, "http1") as http1_port,
         gateway(origin, "--workers", str(workers)) as (_gws, workers_port, _ready_n),
@@ -216,6 +221,11 @@ def table(res: dict[str, Any]) -> list[str]:
             f"instructions per forward, callgrind, {c['requests']} requests on 1 connection",
             f"gateway {c['gateway'] / 1000:,.0f}k, bare http1 proxy "
             f"{c['bare_http1_proxy'] / 1000:,.0f}k: {c['ratio']:.2f}x",
+        )
+        row(
+            "instructions per forward, callgrind: a rate-limited tenant (buckets in memory)",
+            f"{c['gateway_rate_limited'] / 1000:,.0f}k: "
+            f"{c['gateway_rate_limited'] / c['gateway']:.2f}x the gateway with no limit",
         )
     m = res.get("memory", {})
     if m:

@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Final
 
 from bench.load import BODY_200
-from bench.procs import BENCH_KEY, LOOPBACK, free_port, gateway_env, process, wait_http
+from bench.procs import (
+    BENCH_KEY,
+    LOOPBACK,
+    RATE_LIMITED,
+    free_port,
+    gateway_env,
+    process,
+    wait_http,
+)
 
 PATH: Final = "/openapi/aiagent/task/list"
 WARM_UP: Final = 50
@@ -84,11 +92,14 @@ def measure(origin: int, requests: int) -> dict[str, float]:
     env = gateway_env(origin, PYTHONPATH=root)
     ready = f"http://{LOOPBACK}:{gateway_port}/readyz"
     gateway_count = count(gateway, env, gateway_port, ready, requests)
+    limited_env = gateway_env(origin, PYTHONPATH=root, **RATE_LIMITED)
+    limited_count = count(gateway, limited_env, gateway_port, ready, requests)
     bare_ready = f"http://{LOOPBACK}:{bare_port}/openapi/ping"
     bare_count = count(bare, env, bare_port, bare_ready, requests)
     return {
         "requests": requests,
         "gateway": gateway_count,
+        "gateway_rate_limited": limited_count,
         "bare_http1_proxy": bare_count,
         "ratio": gateway_count / bare_count,
     }

@@ -22,6 +22,10 @@ LOOPBACK: Final = "127.0.0.1"
 GiB: Final = 1024**3
 
 
+# A rate limit so high that it never refuses: every request still takes a token from a bucket.
+RATE_LIMITED: Final = {"RATE_LIMIT_RPS": "1000000", "RATE_LIMIT_BURST": "1000000"}
+
+
 def free_port() -> int:
     """A port nobody listens on right now."""
     with socket.socket() as sock:

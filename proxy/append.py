@@ -273,6 +273,8 @@ async def _reservation(
         learn_quotas(context(request).limits, reservation.statuses)
     if journal is None or not reservation.charges or reservation.where == "local":
         return reservation, "direct"
+    if not journal.held():
+        return reservation, "direct"  # nothing recorded, and nothing will be sent
     if await journal.record_reservation(reservation.encode()):
         return reservation, "journal"
     return reservation, "unclear" if journal.state_failed else "direct"

@@ -154,7 +154,7 @@ class JournalRun:
         self, batch: Batch, send: Callable[[Batch], Awaitable[list[Result]]]
     ) -> list[Result]:
         """Record the intent, send, record the outcome; never send once the claim is lost."""
-        if not self._held() or not await self._record(batch.index, encode_intent(batch)):
+        if not self.held() or not await self._record(batch.index, encode_intent(batch)):
             return [not_sent(item["phoneNumber"], item["contactId"]) for item in batch.items]
         results = await send(batch)
         outcome = encode_outcome(results)
@@ -168,7 +168,7 @@ class JournalRun:
     async def record_reservation(self, reservation: bytes) -> bool:
         """Record the run's quota reservation (before any batch is sent, and again as settled
         before giving back); False, and nothing more is sent, once the claim is lost."""
-        return self._held() and await self._record(RESERVATION_INDEX, reservation)
+        return self.held() and await self._record(RESERVATION_INDEX, reservation)
 
     async def _record(self, index: int, intent: bytes) -> bool:
         now = time.time()
@@ -199,7 +199,7 @@ class JournalRun:
             self.lost = self.lost or not kept
             self.held_until = asked + self.lease
 
-    def _held(self) -> bool:
+    def held(self) -> bool:
         """False once the claim is lost or its lease lapsed with no renewal known to answer."""
         if not self.lost and time.monotonic() >= self.held_until:
             self.lost = self.state_failed = True

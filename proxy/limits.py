@@ -19,7 +19,7 @@ from proxy.config import Settings
 from proxy.errors import TooManyRequests
 from proxy.state.base import RateDecision
 from proxy.state.fallback import ResilientState
-from proxy.tenants import Tenant
+from proxy.tenants import Limits, Tenant
 
 PREFETCH_SECONDS: Final = 0.005  # a backend call fetches this many seconds' worth of tokens
 SPARE_TTL: Final = 1.0  # tokens fetched but unspent this long are dropped (an idle process)
@@ -101,8 +101,8 @@ class Limiter:
         self._holder = f"{os.getpid()}-{secrets.token_hex(4)}-"
         self._serial = itertools.count()
         self._spare: dict[str, Spare] = {}  # tenant id → its prefetched tokens
-        # tenant id → (the tenant object, its policy, its bucket key)
-        self._policies: dict[str, tuple[Tenant, TenantPolicy, str]] = {}
+        # tenant id → (the tenant's Limits object, its policy, its bucket key)
+        self._policies: dict[str, tuple[Limits, TenantPolicy, str]] = {}
 
     def free(self, tenant: Tenant) -> bool:
         """True when no limit and no quota applies to ``tenant``: the common case, decided
@@ -129,14 +129,16 @@ class Limiter:
         return Admitting(self, tenant, policy, key)
 
     def _policy(self, tenant: Tenant) -> tuple[TenantPolicy, str]:
-        """The tenant's policy and bucket key, worked out once per tenant object (a reload
-        brings new objects, so a changed limit is seen at once)."""
+        """The tenant's policy and bucket key, worked out once per ``Limits`` object (a reload
+        or an admin write brings new ones, so a changed limit is seen at once; the cache holds
+        no tenant, so nothing of a removed one's credentials stays here)."""
+        own = tenant.limits
         cached = self._policies.get(tenant.id)
-        if cached is not None and cached[0] is tenant:
+        if cached is not None and cached[0] is own:
             return cached[1], cached[2]
         policy = TenantPolicy.of(tenant, self.settings)
         key = "" if policy.rate is None else rate_key(tenant, policy.rate, policy.burst)
-        self._policies[tenant.id] = (tenant, policy, key)
+        self._policies[tenant.id] = (own, policy, key)
         return policy, key
 
     async def _take(self, tenant: Tenant, policy: TenantPolicy, key: str) -> RateDecision | None:

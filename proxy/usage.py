@@ -25,10 +25,11 @@ KEEP_DAYS: Final = 100  # longer than the most days a report shows
 MAX_DAYS: Final = 90
 STATUS_CLASSES: Final = ("2xx", "4xx", "5xx")
 UPSTREAM_ERRORS: Final = frozenset({502, 504})
-# Distinct (tenant, day, action, status) counters kept between flushes: the action comes from
-# the client's header, so while the backend is down new names past this count as OTHER_ACTION.
-MAX_PENDING: Final = 10_000
-OTHER_ACTION: Final = "other"
+# Distinct action names one process counts per tenant and day: the action is the client's
+# header, so a tenant naming ever new ones has them counted past this as OTHER_ACTION (a name
+# no action can have), and neither this process's memory nor the backend's usage grows with it.
+MAX_ACTIONS: Final = 64
+OTHER_ACTION: Final = "~other"
 
 Counts = dict[tuple[str, str], dict[str, int]]
 
@@ -57,6 +58,7 @@ class UsageLedger:
         self.day = self.today()  # refreshed by every flush: no clock read per request
         self._requests: defaultdict[tuple[str, str, str, int], int] = defaultdict(int)
         self._numbers: Counts = {}
+        self._actions: dict[str, set[str]] = {}  # tenant id → the action names counted today
         # Each flush is one batch, numbered in this ledger's sequence: one whose adding failed,
         # or may have (a late answer), is sent again as it is, under its number, and the
         # backend adds it once. One flush at a time, so batches reach the backend in order.
@@ -66,10 +68,15 @@ class UsageLedger:
 
     def count_request(self, tenant: Tenant, action: str, status: int) -> None:
         """One answered request of ``tenant``."""
-        requests, key = self._requests, (tenant.id, self.day, action, status)
-        if len(requests) >= MAX_PENDING and key not in requests:
-            key = (tenant.id, self.day, OTHER_ACTION, status)
-        requests[key] += 1
+        named = self._actions.get(tenant.id)
+        if named is None:
+            named = self._actions[tenant.id] = set()
+        if action not in named:
+            if len(named) >= MAX_ACTIONS:
+                action = OTHER_ACTION
+            else:
+                named.add(action)
+        self._requests[tenant.id, self.day, action, status] += 1
 
     def count_numbers(self, tenant: Tenant, appended: int, failed: int) -> None:
         """The numbers one append-numbers request appended and failed."""
@@ -101,7 +108,9 @@ class UsageLedger:
         goes in the same flush once the old batch is in: the last flush at shutdown loses
         nothing the backend takes)."""
         async with self._flushing:
-            self.day = self.today()
+            day = self.today()
+            if day != self.day:
+                self.day, self._actions = day, {}
             resent = self._unsent is not None
             if await self._send_batch() and resent:
                 await self._send_batch()

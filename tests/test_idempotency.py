@@ -8,7 +8,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,7 +24,7 @@ from proxy.config import Quotas
 from proxy.idempotency import NOT_SENT, OUTCOME_UNKNOWN, JournalRun, journal_key
 from proxy.nxlink import APPEND_PATH
 from proxy.state import MemoryState, StateBackend, StateUnavailable
-from proxy.state.base import ClaimStatus
+from proxy.state.base import ClaimStatus, QuotaCharge, QuotaResult
 from proxy.state.fallback import ResilientState
 from proxy.tenants import Registry, Tenant
 from tests.conftest import CREDS_A, KEY_A, Client, Upstream, make_settings, make_tenant
@@ -316,3 +316,42 @@ async def test_a_reservation_recorded_without_an_answer_is_not_given_back_twice(
     day = datetime.now(UTC).date().isoformat()
     used = await backend.quota_used([f"q:{tenant.id}:numbersPerDay:{day}"])
     assert sorted(nxlink.received) == sorted(PHONES) and used == [len(PHONES)]
+
+
+class SlowToReserve(MemoryState):
+    """Reserving takes longer than the lease and no renewal answers meanwhile (a backend that
+    stalls): the run's lease lapses before it could record its reservation."""
+
+    slow = True
+
+    async def reserve(self, charges: Sequence[QuotaCharge]) -> QuotaResult:
+        if self.slow:
+            await asyncio.sleep(1.3)
+        return await super().reserve(charges)
+
+    async def renew(self, key: str, owner: str, lease: float, now: float) -> bool:
+        if self.slow:
+            await asyncio.sleep(1.3)  # past the renewal's bound: it never answers in time
+        return await super().renew(key, owner, lease, now)
+
+
+async def test_a_reservation_never_recorded_because_the_lease_lapsed_is_given_back(
+    aiohttp_client: AiohttpClient, aiohttp_server: AiohttpServer
+) -> None:
+    """Nothing was written to the journal and nothing sent: the run gives its numbers back,
+    and the repeat (which reserves again) is charged once."""
+    nxlink = HoldingNxlink(CREDS_A)
+    server = await aiohttp_server(nxlink.app())
+    tenant = make_tenant("tenant-a", KEY_A, str(server.make_url("")).rstrip("/"), CREDS_A)
+    tenant = dataclasses.replace(tenant, quotas=Quotas(numbers_per_day=100))
+    backend = SlowToReserve()
+    client = await gateway_on(aiohttp_client, backend, tenant, IDEMPOTENCY_LEASE="1")
+    day = datetime.now(UTC).date().isoformat()
+    quota = [f"q:{tenant.id}:numbersPerDay:{day}"]
+    assert (await append(client))[0] == 503 and nxlink.received == []
+    assert await backend.quota_used(quota) == [0]
+    backend.slow = False
+    await asyncio.sleep(1.1)  # the first claim's lease is over
+    status, _headers, again = await append(client)
+    assert status == 200 and again["data"]["successCount"] == len(PHONES)
+    assert await backend.quota_used(quota) == [len(PHONES)]

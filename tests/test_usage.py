@@ -22,7 +22,7 @@ from proxy.state import MemoryState, StateUnavailable
 from proxy.state.base import UsageCounts
 from proxy.state.fallback import ResilientState
 from proxy.tenants import Registry, Tenant, load_registry
-from proxy.usage import FLUSH_EVERY, MAX_PENDING, OTHER_ACTION, UsageLedger, day_entry
+from proxy.usage import FLUSH_EVERY, MAX_ACTIONS, OTHER_ACTION, UsageLedger, day_entry
 from tests.conftest import (
     CREDS_A,
     CREDS_B,
@@ -283,18 +283,22 @@ async def test_one_flush_after_a_failed_one_sends_the_old_batch_and_the_new_coun
     assert ledger.take() == {}
 
 
-def test_pending_counters_are_bounded_whatever_actions_clients_name() -> None:
-    """The action is the client's header: while the backend is down, new names past
-    MAX_PENDING are counted under OTHER_ACTION, every request still counted."""
+def test_a_tenant_naming_ever_new_actions_has_them_bounded_and_only_its_own() -> None:
+    """The action is the client's header: past MAX_ACTIONS names a day, a tenant's new ones
+    count as OTHER_ACTION (every request still counted); another tenant's are untouched."""
     ledger = UsageLedger(ResilientState(MemoryState()), ZoneInfo("UTC"))
-    tenant = make_tenant("t", KEY_A, "http://x", CREDS_A)
-    for n in range(MAX_PENDING + 50):
-        ledger.count_request(tenant, f"made{n}", 200)
-    ledger.count_request(tenant, "made0", 200)  # one already kept still counts as itself
-    fields = ledger.take()[tenant.id, ledger.today()]
-    assert fields["requests"] == MAX_PENDING + 51
+    noisy = make_tenant("noisy", KEY_A, "http://x", CREDS_A)
+    other = make_tenant("other", KEY_B, "http://x", CREDS_A)
+    for n in range(MAX_ACTIONS + 50):
+        ledger.count_request(noisy, f"made{n}", 200)
+    ledger.count_request(noisy, "made0", 200)  # one already named still counts as itself
+    ledger.count_request(other, "callAppend", 200)
+    counts = ledger.take()
+    fields = counts[noisy.id, ledger.today()]
+    assert fields["requests"] == MAX_ACTIONS + 51
     assert fields[f"action:{OTHER_ACTION}"] == 50 and fields["action:made0"] == 2
-    assert sum(1 for name in fields if name.startswith("action:")) == MAX_PENDING + 1
+    assert sum(1 for name in fields if name.startswith("action:")) == MAX_ACTIONS + 1
+    assert counts[other.id, ledger.today()]["action:callAppend"] == 1
 
 
 # --- each number counted once: retried Idempotency-Key runs, upstream failures --------------
